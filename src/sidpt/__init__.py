@@ -1,0 +1,3 @@
+"""sidpt: a pure-PyTorch RL post-training system for LLM search agents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,300 @@
+"""Typed run configuration: dataclasses, loaded from TOML, overridden by ``--section.key=value``.
+
+Every field carries a docstring (the string literal under it); ``python -m sidpt.config --help``
+prints them. Loading is strict: an unknown key, a wrong type or a value outside its choices raises
+``ConfigError`` naming the key, the value and what was expected (with a did-you-mean for typos).
+
+    cfg = load_config("configs/debug.toml", ["--model.dtype=bfloat16"])
+    save_config(cfg, run_dir / "config.toml")   # the resolved config, written beside the run
+
+Overrides take TOML values (``--run.seed=3``, ``--model.path="ckpt"``, ``--x.ids=[1,2]``); a value
+that does not parse as TOML is taken as a bare string (``--model.dtype=bfloat16``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections. A field's docstring is the string literal right under it.
+
+
+@dataclass
+class RunConfig:
+    name: str = "debug"
+    """Run name; outputs go to ``<out_dir>/<name>/``."""
+    out_dir: str = "runs"
+    """Directory that holds one sub-directory per run."""
+    seed: int = 0
+    """Seed for every random number generator (torch, python, sampling)."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """HF-layout checkpoint directory (config.json + *.safetensors + tokenizer.json). Empty: a
+    randomly initialised model of size ``size`` (for tests and debugging)."""
+    size: str = "debug"
+    """Named model size used when ``path`` is empty; see ``sidpt.model.model.SIZES``."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter and activation dtype (norms, softmax and RoPE tables are computed in float32)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run identity and outputs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, validating.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (read from its source)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls).lstrip())
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (ints widen to floats, lists to tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in args and type(value) is type(args[0]):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table ({_type_name(tp)}), got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(
+                f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})"
+            )
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, strictly: unknown keys and wrong types raise."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown key {full!r}{hint} (known in {prefix.rstrip('.') or 'the root'}: "
+                f"{', '.join(fields)})"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, full + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """``--a.b=v`` -> (["a", "b"], v) with v parsed as a TOML value, else as a bare string."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"bad override {arg!r}: expected --section.key=value")
+    key, raw = arg[2:].split("=", 1)
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"bad override {arg!r}: empty key component in {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for arg in overrides:
+        parts, value = parse_override(arg)
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"bad override {arg!r}: {'.'.join(parts[:-1])!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] = (), cls: type = Config
+) -> Any:
+    """TOML file (or defaults when ``path`` is None) + overrides -> validated ``cls`` instance."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if v is None:
+        raise ConfigError("None cannot be written to TOML; give the field a concrete default")
+    raise ConfigError(f"cannot write {v!r} to TOML")
+
+
+def dumps_config(obj: Any) -> str:
+    """The config as TOML text, one ``[section]`` per nested dataclass."""
+    lines: list[str] = []
+
+    def emit(o: Any, section: str) -> None:
+        scalars = [f for f in dataclasses.fields(o) if not dataclasses.is_dataclass(getattr(o, f.name))]
+        nested = [f for f in dataclasses.fields(o) if dataclasses.is_dataclass(getattr(o, f.name))]
+        if scalars:
+            if section:
+                lines.append(f"[{section}]")
+            for f in scalars:
+                v = getattr(o, f.name)
+                if v is not None:
+                    lines.append(f"{f.name} = {_toml_value(v)}")
+            lines.append("")
+        for f in nested:
+            emit(getattr(o, f.name), f"{section}.{f.name}" if section else f.name)
+
+    emit(obj, "")
+    return "\n".join(lines)
+
+
+def save_config(obj: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dumps_config(obj))
+    os.replace(tmp, path)
+
+
+def help_text(cls: type = Config, prefix: str = "") -> str:
+    """Every key with its type, default and docstring."""
+    out = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.append(f"\n[{prefix}{f.name}]  {docs.get(f.name, '')}")
+            out.append(help_text(tp, prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"  --{prefix}{f.name}={default!r}  ({_type_name(tp)})\n      {docs.get(f.name, '')}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sidpt.config [config.toml] [--a.b=v ...]``: print the resolved config."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        print(help_text())
+        return
+    path = argv[0] if argv and not argv[0].startswith("--") else None
+    overrides = argv[1:] if path else argv
+    try:
+        print(dumps_config(load_config(path, overrides)))
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""One decoder-only transformer for the Llama, Qwen2 and Qwen3 families.
+
+    Llama : RMSNorm, RoPE (default / linear / llama3 scaling), GQA, SwiGLU; optional bias on q/k/v/o
+    Qwen2 : Llama + bias on q/k/v (not o)
+    Qwen3 : Llama + RMSNorm on each head of q and k (before RoPE), no biases
+
+Parameter names are Hugging Face's without the leading ``model.`` (``layers.3.self_attn.q_proj``),
+so checkpoint I/O (``hf_io.py``) is a prefix strip and a user coming from HF or vLLM reads them
+as usual.
+
+Attention is a pluggable callable: ``forward_hidden(tokens, positions, attn=...)`` calls
+``attn(layer_idx, q, k, v)`` with the rotated q/k of one layer. The default is dense causal
+attention (the trainer's forward); the rollout engine passes a paged-KV-cache attention, so the
+engine and the trainer run this same model code. Numerics follow HF's eager/sdpa path exactly
+where it matters for parity: RMSNorm in float32 then cast, RoPE tables in float32 then cast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 512
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 0  # 0: dim // n_heads
+    intermediate_size: int = 192
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {} or {"rope_type": "llama3"|"linear", ...}
+    qkv_bias: bool = False  # Qwen2 (and Llama with attention_bias)
+    o_bias: bool = False  # Llama with attention_bias
+    qk_norm: bool = False  # Qwen3
+    tie_embeddings: bool = False
+    max_seq_len: int = 4096
+    family: str = "llama"  # "llama" | "qwen2" | "qwen3": the model_type written to config.json
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r}: expected one of {FAMILIES}")
+        rope_type = self.rope_scaling.get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling.rope_type={rope_type!r}: supported are default, linear, llama3")
+
+    def num_params(self, embeddings: bool = True) -> int:
+        d, h, kv, hd = self.dim, self.n_heads, self.n_kv_heads, self.head_dim
+        attn = d * hd * (h + 2 * kv) + h * hd * d
+        attn += (h + 2 * kv) * hd * self.qkv_bias + d * self.o_bias + 2 * hd * self.qk_norm
+        mlp = 3 * d * self.intermediate_size
+        n = self.n_layers * (attn + mlp + 2 * d) + d
+        if embeddings:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return n
+
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+# Named sizes for random-init models (tests, benchmarks, the CPU demo). Parameter counts include
+# embeddings; vocab 8192 stands in for a small real tokenizer.
+SIZES: dict[str, ModelArgs] = {
+    "debug": ModelArgs(),
+    "6M": ModelArgs(vocab_size=8192, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=688,
+                    tie_embeddings=True),
+    "25M": ModelArgs(vocab_size=8192, dim=512, n_layers=6, n_heads=8, n_kv_heads=4, intermediate_size=1376,
+                     tie_embeddings=True),
+    "100M": ModelArgs(vocab_size=8192, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, intermediate_size=2560,
+                      tie_embeddings=True),
+}
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in float32, with HF's linear or llama3 scaling."""
+    hd = args.head_dim
+    exps = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd
+    inv_freq = 1.0 / (args.rope_theta**exps)
+    sc = args.rope_scaling
+    rope_type = sc.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_ctx = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / hi) * ~(wavelen > old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin tables [B, T, head_dim] for integer ``positions`` [B, T] (computed in float32)."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, hd] by the half-split (GPT-NeoX/HF) convention."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32, then back to the input dtype before the weight (as HF does).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(Protocol):
+    """Computes attention for one layer: q [B, H, T, hd], k and v [B, KV, T, hd] -> [B, H, T, hd]."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def causal_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention over the given tokens (right padding needs no mask: padded keys
+    come after every real query). GQA heads share KV heads without materialising copies."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hd = args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, hd
+        self.q_proj = nn.Linear(args.dim, args.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=args.o_bias)
+        self.q_norm = RMSNorm(hd, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(hd, args.norm_eps) if args.qk_norm else None
+
+    def forward(self, x, cos, sin, layer: int, attn: Attention) -> torch.Tensor:
+        B, T, _ = x.shape  # [B, T, D]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|KV, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attn(layer, q, k, v)  # [B, H, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = SelfAttention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, layer: int, attn: Attention) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied: the LM head reads embed_tokens.weight (one Parameter, nothing to keep in sync).
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the RoPE frequencies.
+        self._inv_freq = {"cpu": rope_inv_freq(args)}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = self._inv_freq["cpu"].to(device)
+        return self._inv_freq[key]
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward_hidden(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn: Attention = causal_attention,
+    ) -> torch.Tensor:
+        """tokens [B, T] -> final-normed hidden states [B, T, D] (the LM head's input).
+
+        ``positions`` [B, T] defaults to 0..T-1 on every row (right-padded batches)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed_tokens(tokens)  # [B, T, D]
+        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # [B, T, hd]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, attn)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D] -> logits [..., V] in the model dtype."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn: Attention = causal_attention,
+    ) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]."""
+        return self.logits(self.forward_hidden(tokens, positions, attn))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random init (normal(0, std) matrices, zero biases, unit norms), reproducible from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+
+
+def build_model(
+    args: ModelArgs, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> Transformer:
+    """A randomly initialised model (see ``Transformer.init_weights``)."""
+    model = Transformer(args)
+    model.init_weights(seed)
+    return model.to(device=device, dtype=dtype)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[targets] in float32: logits [..., V], targets [...] -> [...]."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
