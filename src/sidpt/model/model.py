@@ -56,6 +56,18 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r}: expected one of {FAMILIES}")
+        # Each family's config.json can express only these combinations: keep saves faithful.
+        expect = {
+            "llama": (self.qkv_bias, False),  # attention_bias puts a bias on q, k, v and o
+            "qwen2": (True, False),
+            "qwen3": (False, True),
+        }[self.family]
+        if (self.qkv_bias, self.qk_norm) != expect or self.o_bias != (self.family == "llama" and self.qkv_bias):
+            raise ValueError(
+                f"family={self.family!r} needs qkv_bias={expect[0]}, qk_norm={expect[1]}, "
+                f"o_bias={self.family == 'llama' and self.qkv_bias}; got qkv_bias={self.qkv_bias}, "
+                f"qk_norm={self.qk_norm}, o_bias={self.o_bias}"
+            )
         rope_type = self.rope_scaling.get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_scaling.rope_type={rope_type!r}: supported are default, linear, llama3")
