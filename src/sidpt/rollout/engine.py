@@ -1,0 +1,413 @@
+"""The native rollout engine: paged KV cache, continuous batching, per-token logprobs, multi-turn.
+
+    engine = Engine(model, EngineConfig(...), tokenizer=tok)       # the trainer's model class
+    engine.submit(Request("q1", prompt_ids, SamplingParams(stop_strings=("</search>",))))
+    while engine.has_work():
+        for out in engine.step():                                  # finished or paused requests
+            if out.finish_reason == "tool":                        # stopped at </search>
+                engine.resume(out.id, observation_ids)             # KV cache kept, no re-prefill
+    engine.update_weights([bucket1, bucket2])                      # in place; policy_version += 1
+
+Every step the scheduler (1) makes room for the running requests' next token, preempting the
+youngest request when blocks run out (its blocks are freed; it is recomputed later from its
+tokens, which are kept), then (2) admits waiting requests' prompt tokens up to a token budget.
+The step then runs at most two forwards of the same model: one over every decoding request
+(one token each) and one over the prefilling ones (a chunk of tokens each), and samples a token
+for every request whose known tokens are now all in the cache. No Python loop touches a tensor
+per request: per-request state lives in row-indexed buffers and each step gathers them.
+
+Token-in/token-out: outputs carry token ids, never re-tokenised text. A request that hits one of
+its stop strings pauses (finish_reason "tool") and keeps its row and KV blocks; ``resume``
+appends observation tokens (marked not generated) and prefills only those.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterable
+
+import torch
+
+from sidpt.model.model import Transformer
+from sidpt.rollout.kv_cache import PagedKVCache, build_attention
+from sidpt.rollout.precision import FORMATS, install_activation_rounding, round_weights
+from sidpt.rollout.sampling import SamplingParams, sample, uniform
+
+WAITING, RUNNING, PAUSED = "waiting", "running", "paused"
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 0  # 0: derived from kv_cache_mb
+    kv_cache_mb: float = 512.0
+    max_seqs: int = 256  # requests holding a row (running, prefilling or paused) at once
+    max_model_len: int = 2048  # prompt + all turns
+    max_prefill_tokens: int = 2048  # prompt tokens computed per step (chunked prefill beyond)
+    precision: str = "native"  # native | emulated-bf16 | emulated-fp16 | emulated-fp8
+    seed: int = 0  # draws the seed of requests that bring none
+
+    def __post_init__(self):
+        if self.precision != "native" and self.precision.removeprefix("emulated-") not in FORMATS:
+            raise ValueError(f"precision={self.precision!r}: native or emulated-{{{', '.join(FORMATS)}}}")
+
+
+@dataclass
+class Request:
+    id: Hashable
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Output:
+    id: Hashable
+    tokens: list[int]  # prompt + every turn so far (generated and observation tokens)
+    prompt_len: int
+    logprobs: list[float]  # log mu of each generated token; 0.0 elsewhere
+    generated: list[bool]  # True where the engine sampled the token
+    versions: list[int]  # policy version that sampled each token; -1 where not generated
+    finish_reason: str  # stop | length | tool | abort
+    stop_string: str | None = None
+
+
+@dataclass
+class _Seq:
+    req: Request
+    arrival: int
+    seed: int
+    status: str = WAITING
+    row: int = -1
+    blocks: list[int] = field(default_factory=list)
+    seq_len: int = 0  # tokens known (prompt, generated, observations)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    n_gen: int = 0  # tokens generated over all turns (the sampling counter)
+    turn_start: int = 0  # first token of the current turn (stop strings are searched from here)
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig(),
+                 tokenizer=None, device: str | torch.device | None = None):
+        self.model, self.cfg, self.tokenizer = model.eval(), config, tokenizer
+        p = next(model.parameters())
+        self.device = torch.device(device) if device is not None else p.device
+        a = model.args
+        self.fmt = None if config.precision == "native" else config.precision.removeprefix("emulated-")
+        if self.fmt is not None:
+            if p.dtype != torch.float32:
+                raise ValueError(f"precision={config.precision!r} emulates on a float32 model, got {p.dtype}")
+            round_weights(model, self.fmt)
+            install_activation_rounding(model, self.fmt)
+        num_blocks = config.num_blocks or int(
+            config.kv_cache_mb * 2**20
+            // (PagedKVCache.bytes_per_token(a.n_layers, a.n_kv_heads, a.head_dim, p.dtype) * config.block_size)
+        )
+        self.cache = PagedKVCache(a.n_layers, a.n_kv_heads, a.head_dim, num_blocks, config.block_size,
+                                  p.dtype, self.device)
+        R, T = config.max_seqs, config.max_model_len
+        self.max_blocks = -(-T // config.block_size)
+        dev = self.device
+        self.tok_buf = torch.zeros(R, T, dtype=torch.int64, device=dev)
+        self.lp_buf = torch.zeros(R, T, dtype=torch.float32, device=dev)
+        self.gen_buf = torch.zeros(R, T, dtype=torch.bool, device=dev)
+        self.ver_buf = torch.full((R, T), -1, dtype=torch.int32, device=dev)
+        self.block_table = torch.full((R, self.max_blocks), num_blocks, dtype=torch.int64, device=dev)
+        self.temperature = torch.ones(R, device=dev)
+        self.top_k = torch.zeros(R, dtype=torch.int64, device=dev)
+        self.top_p = torch.ones(R, device=dev)
+        self.seeds = torch.zeros(R, dtype=torch.int64, device=dev)
+        self.stop_ids = torch.full((R, 8), -1, dtype=torch.int64, device=dev)
+        self.free_rows = list(range(R - 1, -1, -1))
+        self.seqs: dict[Hashable, _Seq] = {}
+        self.policy_version = 0
+        self._arrivals = itertools.count()
+        self._seed_gen = torch.Generator().manual_seed(config.seed)
+        self._triggers: dict[str, torch.Tensor] = {}  # stop string -> token ids whose text ends it
+        self.stats = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> None:
+        if req.id in self.seqs:
+            raise ValueError(f"request id {req.id!r} is already in the engine")
+        if not req.prompt:
+            raise ValueError(f"request {req.id!r}: empty prompt")
+        V = self.model.args.vocab_size
+        if min(req.prompt) < 0 or max(req.prompt) >= V:
+            raise ValueError(f"request {req.id!r}: token ids must lie in [0, {V})")
+        need = len(req.prompt) + req.params.max_new_tokens
+        if need > self.cfg.max_model_len or self.cache.blocks_for(min(need, self.cfg.max_model_len)) > self.cache.num_blocks:
+            raise ValueError(
+                f"request {req.id!r}: prompt {len(req.prompt)} + max_new_tokens {req.params.max_new_tokens} "
+                f"exceeds max_model_len {self.cfg.max_model_len} or the KV cache ({self.cache.num_blocks} blocks)")
+        if len(req.params.stop_token_ids) > self.stop_ids.shape[1]:
+            raise ValueError(f"request {req.id!r}: at most {self.stop_ids.shape[1]} stop_token_ids")
+        if req.params.stop_strings and self.tokenizer is None:
+            raise ValueError(f"request {req.id!r}: stop_strings need an engine with a tokenizer")
+        seed = req.params.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
+        P = len(req.prompt)
+        self.seqs[req.id] = _Seq(req, next(self._arrivals), seed, seq_len=P, turn_start=P)
+
+    def resume(self, rid: Hashable, observation: list[int]) -> None:
+        """Append observation tokens (not generated) to a paused request and let it generate again."""
+        s = self.seqs.get(rid)
+        if s is None or s.status != PAUSED:
+            raise ValueError(f"request {rid!r} is not paused at a tool call")
+        n = len(observation)
+        if s.seq_len + n + 1 > self.cfg.max_model_len:
+            raise ValueError(f"request {rid!r}: observation of {n} tokens overflows max_model_len")
+        if n:
+            self.tok_buf[s.row, s.seq_len: s.seq_len + n] = torch.tensor(observation, device=self.device)
+        s.seq_len += n
+        s.turn_start = s.seq_len
+        s.status = WAITING
+
+    def release(self, rid: Hashable) -> None:
+        """Drop a paused request (the episode ended at a tool call) and free its memory."""
+        s = self.seqs.pop(rid)
+        self._free(s)
+
+    def abort(self, rid: Hashable) -> Output:
+        s = self.seqs[rid]
+        out = self._output(s, "abort") if s.row >= 0 else Output(
+            rid, list(s.req.prompt), len(s.req.prompt), [0.0] * s.seq_len, [False] * s.seq_len,
+            [-1] * s.seq_len, "abort")
+        self.release(rid)
+        return out
+
+    def has_work(self) -> bool:
+        return any(s.status != PAUSED for s in self.seqs.values())
+
+    def generate(self, requests: Iterable[Request]) -> list[Output]:
+        """Submit and run to completion (no tool calls): outputs in submission order."""
+        ids = []
+        for r in requests:
+            self.submit(r)
+            ids.append(r.id)
+        done = {}
+        while self.has_work():
+            for out in self.step():
+                done[out.id] = out
+                if out.finish_reason == "tool":
+                    self.release(out.id)
+        return [done[i] for i in ids]
+
+    # -- weights --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_weights(self, buckets: Iterable[dict[str, torch.Tensor]], version: int | None = None) -> int:
+        """Copy full tensors (sidpt names) into the model in place, bucket by bucket; bump the version."""
+        params = dict(self.model.named_parameters())
+        for bucket in buckets:
+            for name, t in bucket.items():
+                if name not in params:
+                    raise KeyError(f"update_weights: unknown parameter {name!r}")
+                if tuple(t.shape) != tuple(params[name].shape):
+                    raise ValueError(f"update_weights: {name!r} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(params[name].shape)}")
+                params[name].copy_(t)
+        if self.fmt is not None:
+            round_weights(self.model, self.fmt)
+        self.policy_version = self.policy_version + 1 if version is None else version
+        return self.policy_version
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Output]:
+        """One scheduling round and up to two forwards; returns requests that finished or paused."""
+        decode, prefill = self._schedule()
+        outs: list[Output] = []
+        if decode:
+            outs += self._run(decode, [1] * len(decode))
+        if prefill:
+            outs += self._run([s for s, _ in prefill], [n for _, n in prefill])
+        self.stats["steps"] += 1
+        return outs
+
+    def _schedule(self) -> tuple[list[_Seq], list[tuple[_Seq, int]]]:
+        bs = self.cache.block_size
+        running = sorted((s for s in self.seqs.values() if s.status == RUNNING), key=lambda s: s.arrival)
+        decode = []
+        while running:
+            s = running.pop(0)
+            need = self.cache.blocks_for(s.seq_len) - len(s.blocks)
+            while need > self.cache.num_free:
+                victim = self._victim(younger_than=s)
+                if victim is None:
+                    break
+                if victim in running:
+                    running.remove(victim)
+                self._preempt(victim)
+            if need > self.cache.num_free:
+                self._preempt(s)  # nothing left to evict: s itself waits
+                continue
+            self._grow(s, need)
+            decode.append(s)
+        # Admit prompt (and observation) tokens, oldest first, within the token budget.
+        budget = self.cfg.max_prefill_tokens
+        prefill = []
+        for s in sorted((s for s in self.seqs.values() if s.status == WAITING), key=lambda s: s.arrival):
+            if budget <= 0:
+                break
+            if s.row < 0:
+                if not self.free_rows:
+                    break
+                self._assign_row(s)
+            n = min(s.seq_len - s.num_computed, budget)
+            need = self.cache.blocks_for(s.num_computed + n) - len(s.blocks)
+            if need > self.cache.num_free:
+                # evict paused requests only: running ones are mid-decode and older work goes first
+                while need > self.cache.num_free and (v := self._victim(None)) is not None:
+                    self._preempt(v)
+                if need > self.cache.num_free:
+                    n = (len(s.blocks) + self.cache.num_free) * bs - s.num_computed  # what fits
+                    if n <= 0:
+                        break
+                    need = self.cache.blocks_for(s.num_computed + n) - len(s.blocks)
+            self._grow(s, need)
+            prefill.append((s, n))
+            budget -= n
+        return decode, prefill
+
+    def _victim(self, younger_than: _Seq | None) -> _Seq | None:
+        """Whose blocks to free: a paused request (idle) first, then the youngest running or
+        prefilling request younger than ``younger_than`` (None: paused requests only)."""
+        paused = [s for s in self.seqs.values() if s.status == PAUSED and s.blocks]
+        if paused:
+            return max(paused, key=lambda s: s.arrival)
+        if younger_than is None:
+            return None
+        pool = [s for s in self.seqs.values() if s.blocks and s.arrival > younger_than.arrival]
+        return max(pool, key=lambda s: s.arrival) if pool else None
+
+    def _preempt(self, s: _Seq) -> None:
+        """Free s's blocks; it keeps its row and tokens and is recomputed when readmitted."""
+        self.cache.release(s.blocks)
+        s.blocks = []
+        self.block_table[s.row].fill_(self.cache.scratch_block)
+        s.num_computed = 0
+        if s.status == RUNNING:
+            s.status = WAITING
+        self.stats["preemptions"] += 1
+
+    def _grow(self, s: _Seq, n: int) -> None:
+        if n <= 0:
+            return
+        new = self.cache.allocate(n)
+        first = len(s.blocks)
+        s.blocks += new
+        self.block_table[s.row, first: first + n] = torch.tensor(new, device=self.device)
+
+    def _assign_row(self, s: _Seq) -> None:
+        r = s.row = self.free_rows.pop()
+        p = s.req.params
+        P = len(s.req.prompt)
+        self.tok_buf[r, :P] = torch.tensor(s.req.prompt, device=self.device)
+        self.lp_buf[r].zero_()
+        self.gen_buf[r].zero_()
+        self.ver_buf[r].fill_(-1)
+        self.temperature[r], self.top_k[r], self.top_p[r], self.seeds[r] = p.temperature, p.top_k, p.top_p, s.seed
+        self.stop_ids[r].fill_(-1)
+        if p.stop_token_ids:
+            self.stop_ids[r, : len(p.stop_token_ids)] = torch.tensor(p.stop_token_ids, device=self.device)
+
+    def _free(self, s: _Seq) -> None:
+        if s.blocks:
+            self.cache.release(s.blocks)
+            s.blocks = []
+        if s.row >= 0:
+            self.block_table[s.row].fill_(self.cache.scratch_block)
+            self.free_rows.append(s.row)
+            s.row = -1
+
+    def _run(self, seqs: list[_Seq], ns: list[int]) -> list[Output]:
+        """Compute tokens [num_computed, num_computed + n) of each seq; sample where the seq is complete."""
+        dev = self.device
+        rows = torch.tensor([s.row for s in seqs], device=dev)
+        start = torch.tensor([s.num_computed for s in seqs], device=dev)
+        n_new = torch.tensor(ns, device=dev)
+        Tq = max(ns)
+        attn, positions = build_attention(self.cache, self.block_table[rows], start, n_new, Tq)
+        tokens = self.tok_buf[rows[:, None], positions]  # [B, Tq]
+        hidden = self.model.forward_hidden(tokens, positions, attn)  # [B, Tq, D]
+        self.stats["decode_tokens" if Tq == 1 else "prefill_tokens"] += sum(ns)
+        done = [s.num_computed + n == s.seq_len for s, n in zip(seqs, ns)]
+        for s, n in zip(seqs, ns):
+            s.num_computed += n
+            s.status = RUNNING if s.num_computed == s.seq_len else WAITING
+        idx = [i for i, d in enumerate(done) if d]
+        if not idx:
+            return []
+        sel = torch.tensor(idx, device=dev)
+        last = hidden[sel, n_new[sel] - 1]  # [b, D]
+        logits = self.model.logits(last)  # [b, V]
+        rows = rows[sel]
+        sseqs = [seqs[i] for i in idx]
+        counter = torch.tensor([s.n_gen for s in sseqs], device=dev)
+        u = uniform(self.seeds[rows], counter)
+        tok, lp = sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], u)
+        pos = torch.tensor([s.seq_len for s in sseqs], device=dev)
+        self.tok_buf[rows, pos] = tok
+        self.lp_buf[rows, pos] = lp
+        self.gen_buf[rows, pos] = True
+        self.ver_buf[rows, pos] = self.policy_version
+        is_stop = (self.stop_ids[rows] == tok[:, None]).any(-1)  # [b]
+        tok_list, stop_list = tok.tolist(), is_stop.tolist()
+        outs = []
+        for s, t, stop in zip(sseqs, tok_list, stop_list):
+            s.seq_len += 1
+            s.n_gen += 1
+            reason, stop_str = None, None
+            if stop:
+                reason = "stop"
+            elif s.req.params.stop_strings and (stop_str := self._stop_string(s, t)) is not None:
+                reason = "tool"
+            elif s.n_gen >= s.req.params.max_new_tokens or s.seq_len >= self.cfg.max_model_len:
+                reason = "length"
+            if reason is not None:
+                outs.append(self._finish(s, reason, stop_str))
+        return outs
+
+    def _finish(self, s: _Seq, reason: str, stop_str: str | None) -> Output:
+        out = self._output(s, reason, stop_str)
+        if reason == "tool":
+            s.status = PAUSED
+        else:
+            del self.seqs[s.req.id]
+            self._free(s)
+        return out
+
+    def _output(self, s: _Seq, reason: str, stop_str: str | None = None) -> Output:
+        r, n = s.row, s.seq_len
+        return Output(
+            id=s.req.id, tokens=self.tok_buf[r, :n].tolist(), prompt_len=len(s.req.prompt),
+            logprobs=self.lp_buf[r, :n].tolist(), generated=self.gen_buf[r, :n].tolist(),
+            versions=self.ver_buf[r, :n].tolist(), finish_reason=reason, stop_string=stop_str)
+
+    # -- stop strings ---------------------------------------------------------------------------
+
+    def _trigger_ids(self, stop: str) -> torch.Tensor:
+        """Token ids whose text contains the stop string's last character (candidates to end it)."""
+        if stop not in self._triggers:
+            last = stop[-1]
+            V = self.model.args.vocab_size
+            n = min(V, self.tokenizer.vocab_size)
+            self._triggers[stop] = torch.tensor([i for i in range(n) if last in self.tokenizer.decode([i])],
+                                                dtype=torch.int64)
+        return self._triggers[stop]
+
+    def _stop_string(self, s: _Seq, token: int) -> str | None:
+        for stop in s.req.params.stop_strings:
+            trig = self._trigger_ids(stop)
+            if not bool((trig == token).any()):
+                continue
+            # only this turn's generated text counts, and the stop must end inside the newest token
+            lo = max(s.turn_start, s.seq_len - len(stop) - 2)
+            ids = self.tok_buf[s.row, lo: s.seq_len].tolist()
+            if stop in self.tokenizer.decode(ids) and stop not in self.tokenizer.decode(ids[:-1]):
+                return stop
+        return None
