@@ -63,7 +63,10 @@ def test_grpo_fixture():
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
     want_dr = [2 / 3, -1 / 3, -1 / 3, -0.5, 0.5, 0.0]
     torch.testing.assert_close(
-        dr_grpo_advantages(REWARD_FIX, GID_FIX), torch.tensor(want_dr, dtype=torch.float64), rtol=0, atol=1e-12
+        dr_grpo_advantages(REWARD_FIX, GID_FIX),
+        torch.tensor(want_dr, dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
     )
 
 
@@ -188,7 +191,9 @@ def test_discounted_returns_reference(N, T, gamma, seed):
 def test_reinforce_pp_fixture():
     mask = torch.tensor([[False, True, True, False], [True, True, True, True], [False, False, True, False]])
     reward = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
-    pen = torch.tensor([[0.0, -0.1, -0.2, 0.0], [-0.1, 0.0, 0.0, -0.3], [0.0, 0.0, -0.5, 0.0]], dtype=torch.float64)
+    pen = torch.tensor(
+        [[0.0, -0.1, -0.2, 0.0], [-0.1, 0.0, 0.0, -0.3], [0.0, 0.0, -0.5, 0.0]], dtype=torch.float64
+    )
     # gamma = 1 returns over policy tokens: row 0 [.., 1-0.3, 1-0.2, ..], row 1, row 2
     g0 = [1 - 0.1 - 0.2, 1 - 0.2]
     g1 = [-1 - 0.4, -1 - 0.3, -1 - 0.3, -1 - 0.3]

@@ -1,5 +1,7 @@
 """Loss aggregation: micro-batch / rank splits and right-padding leave loss and gradient unchanged."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from sidpt.rl.losses import (
     POLICY_LOSSES,
     TRAIN_MASK,
     LossNorm,
+    aggregate,
     loss_norm,
     micro_batch_loss,
 )
@@ -65,7 +68,15 @@ def step_loss(logits, mb, norm, name):
     lp = torch.log_softmax(logits, -1).gather(-1, mb[TOKENS][..., None])[..., 0]  # [n, t]
     ent = entropy_from_logits(logits)
     loss, _ = micro_batch_loss(
-        lp, mb, norm, loss=name, loss_kwargs=LOSS_KW[name], kl_coef=0.1, kl_kind="k3", entropy=ent, entropy_coef=0.01
+        lp,
+        mb,
+        norm,
+        loss=name,
+        loss_kwargs=LOSS_KW[name],
+        kl_coef=0.1,
+        kl_kind="k3",
+        entropy=ent,
+        entropy_coef=0.01,
     )
     return loss
 
@@ -174,8 +185,6 @@ def test_per_microbatch_means_differ():
     mask = torch.tensor([[True, True, True], [True, False, False]])
     norm = loss_norm(mask, "token-mean")
     assert norm == LossNorm("token-mean", 4.0, 2.0, 1.0)
-    from sidpt.rl.losses import aggregate
-
     right = aggregate(loss[:1], mask[:1], norm) + aggregate(loss[1:], mask[1:], norm)
     assert float(right) == pytest.approx((1 + 1 + 1 + 4) / 4)
     wrong = (loss[0].sum() / 3 + loss[1, :1].sum() / 1) / 2
@@ -200,8 +209,6 @@ def test_micro_batch_loss_fixture():
     norm = loss_norm(mb[TRAIN_MASK], "token-mean")
     loss, m = micro_batch_loss(lp, mb, norm, loss="ppo", loss_kwargs=dict(eps_low=0.2, eps_high=0.28),
                                kl_coef=0.1, kl_kind="k3", entropy=ent, entropy_coef=0.01)  # fmt: skip
-    import math
-
     r0, r1 = math.exp(0.2), math.exp(0.5)
     pg = [-0.5 * min(r0 * 1.0, min(r0, 1.28) * 1.0), -2.0 * min(r1 * 2.0, min(r1, 1.28) * 2.0)]
     k3 = [math.exp(-0.1) - 1 + 0.1, math.exp(0.1) - 1 - 0.1]

@@ -32,7 +32,9 @@ ADV = [[0.0, 1.0, -2.0, 0.5], [0.3, 0.3, 0.0, 0.0], [0.0, -1.0, 1.5, 0.0]]
 def fixture():
     mask = torch.tensor([[v is not None for v in row] for row in LR])
     mu = torch.tensor(MU, dtype=F64)
-    lr = torch.tensor([[v if v is not None else 7.0 for v in row] for row in LR], dtype=F64)  # garbage off mask
+    lr = torch.tensor(
+        [[v if v is not None else 7.0 for v in row] for row in LR], dtype=F64
+    )  # garbage off mask
     return mu, mu + lr, mask
 
 
@@ -166,6 +168,7 @@ def test_tis_weight_never_above_c(lrs, c, mode):
     for dtype in (F64, torch.float32):
         corr = mismatch_correction(mu.to(dtype), (mu + lr).to(dtype), mask, mode, c=c)
         assert (corr.weight <= c).all() and (corr.weight > 0).all() and torch.isfinite(corr.weight).all()
+
     def clamp(x):  # the documented safety bound: each token's log-ratio, then their sum
         return max(min(x, 20.0), -20.0)
 
@@ -206,7 +209,9 @@ def test_diagnostics_fixture():
         "frac_seqs_truncated": 2 / 3,
     }
     # gradient share: g = -w A / n_tok (token-mean); low-probability tokens: mu < 1e-3
-    g2 = {(n, t): (min(math.exp(LR[n][t]), 2.0) * ADV[n][t] / n_tok) ** 2 for n in range(3) for t in tokens(n)}
+    g2 = {
+        (n, t): (min(math.exp(LR[n][t]), 2.0) * ADV[n][t] / n_tok) ** 2 for n in range(3) for t in tokens(n)
+    }
     low = [(n, t) for (n, t) in g2 if math.exp(MU[n][t]) < 1e-3]
     assert low == [(0, 2), (2, 2)]
     want["low_prob_grad_share"] = sum(g2[k] for k in low) / sum(g2.values())
@@ -223,7 +228,9 @@ def test_diagnostics_fixture():
     assert float(out["mismatch/frac_seqs_masked"]) == pytest.approx(1 / 3)
     assert float(out["mismatch/frac_tokens_masked"]) == pytest.approx(2 / 7)
     # seq-mean-token-mean over the 2 kept trajectories: g = -w A / (n_i * 2), w = e^0 = 1
-    g2 = {(0, t): (ADV[0][t] / (3 * 2)) ** 2 for t in tokens(0)} | {(1, t): (ADV[1][t] / 4) ** 2 for t in tokens(1)}
+    g2 = {(0, t): (ADV[0][t] / (3 * 2)) ** 2 for t in tokens(0)} | {
+        (1, t): (ADV[1][t] / 4) ** 2 for t in tokens(1)
+    }
     want_share = g2[(0, 2)] / sum(g2.values())
     assert float(out["mismatch/low_prob_grad_share"]) == pytest.approx(want_share, rel=1e-10)
 

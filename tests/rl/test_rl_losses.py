@@ -53,7 +53,9 @@ def test_ppo_fixture():
         want[n, t] = -obj
         want_dual[n, t] = -max(obj, c * a) if a < 0 else -obj
     torch.testing.assert_close(ppo_loss(lp, old, adv, mask, el, eh), want, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ppo_loss(lp, old, adv, mask, el, eh, dual_clip=c), want_dual, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        ppo_loss(lp, old, adv, mask, el, eh, dual_clip=c), want_dual, rtol=0, atol=1e-12
+    )
     # the fixture exercises each branch: unclipped, clipped high, clipped low, dual-clipped
     assert want[0, 2] == pytest.approx(0.8) and want[0, 3] == pytest.approx(0.5 * math.exp(1.3))
     assert want_dual[0, 3] == pytest.approx(1.5) and want[0, 2] == pytest.approx(0.8)
@@ -176,7 +178,9 @@ def test_gradcheck(name, mode):
         assert torch.autograd.gradcheck(lambda x: aggregate(ref(x), mask, norm), (lp,), eps=1e-6, atol=1e-7)
         assert torch.autograd.gradcheck(ref, (lp,), eps=1e-6, atol=1e-7)
         # the loss's own autograd gradient at x0 is the checked one
-        (g_loss,) = torch.autograd.grad(aggregate(POLICY_LOSSES[name](lp, old, adv, mask, **kw), mask, norm), lp)
+        (g_loss,) = torch.autograd.grad(
+            aggregate(POLICY_LOSSES[name](lp, old, adv, mask, **kw), mask, norm), lp
+        )
         (g_ref,) = torch.autograd.grad(aggregate(ref(lp), mask, norm), lp)
         torch.testing.assert_close(g_loss, g_ref, rtol=1e-12, atol=1e-14)
         assert g_loss.abs().sum() > 0
@@ -210,7 +214,9 @@ def test_on_policy_gradient_equals_reinforce(N, T, seed, mode):
     def grad_of(name, kw):
         lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]  # [N, T]
         old = lp.detach()
-        (gr,) = torch.autograd.grad(aggregate(POLICY_LOSSES[name](lp, old, adv, mask, **kw), mask, norm), logits)
+        (gr,) = torch.autograd.grad(
+            aggregate(POLICY_LOSSES[name](lp, old, adv, mask, **kw), mask, norm), logits
+        )
         return gr
 
     want = grad_of("reinforce", {})

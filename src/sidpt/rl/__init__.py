@@ -117,6 +117,7 @@ __all__ = [
     "overlong_penalty",
     "ppo_loss",
     "reinforce_loss",
+    "reinforce_pp_advantages",
     "rloo_advantages",
     "seq_log_ratio",
     "sequence_to_token_reward",

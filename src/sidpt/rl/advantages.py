@@ -228,8 +228,8 @@ def compute_advantages(
 
     ``estimator`` is one of ESTIMATORS. With ``kl_coef > 0`` the KL penalty goes into the reward:
     per token for REINFORCE++ and GAE, summed over the trajectory's tokens for the sequence-level
-    estimators (GRPO, Dr. GRPO, RLOO). GAE also writes nothing else: its returns are
-    ``ADVANTAGES + VALUES`` on the policy tokens.
+    estimators (GRPO, Dr. GRPO, RLOO). For GAE the value-head targets (returns) are
+    ``ADVANTAGES + VALUES`` on the policy tokens; they are not stored.
     """
     mask = batch[LOSS_MASK]
     reward = batch[REWARD].float()

@@ -47,7 +47,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, ROLLOUT_LOGPROBS
+from sidpt.batch import LOSS_MASK, OLD_LOGPROBS, ROLLOUT_LOGPROBS
 from sidpt.rl.kl import LOG_RATIO_CLAMP
 from sidpt.rl.losses import IS_WEIGHT, PROX_LOGPROBS, TRAIN_MASK, LossNorm, loss_norm, loss_weights
 
@@ -247,7 +247,9 @@ def mismatch_metrics(
             "mismatch/frac_outside_band": tok_mean(((rho < lo) | (rho > hi)).double()),
         }
         weight, keep = (correction.weight, correction.mask) if correction is not None else (None, m)
-        out["mismatch/ess_weight"] = ess(weight.double(), keep) if weight is not None else torch.ones_like(n_tok)
+        out["mismatch/ess_weight"] = (
+            ess(weight.double(), keep) if weight is not None else torch.ones_like(n_tok)
+        )
         if correction is not None:
             removed = m & ~keep
             out["mismatch/frac_tokens_masked"] = tok_mean(removed.double())
@@ -262,6 +264,8 @@ def mismatch_metrics(
             g2 = torch.where(keep, w * advantages.double() * coef, 0.0).square()  # [N, T]
             low = rollout_logprobs.double() < math.log(low_prob)
             total = g2.sum()
-            share = torch.where(total > 0, (g2 * low).sum() / total.clamp(min=1e-300), torch.zeros_like(total))
+            share = torch.where(
+                total > 0, (g2 * low).sum() / total.clamp(min=1e-300), torch.zeros_like(total)
+            )
             out["mismatch/low_prob_grad_share"] = share
     return out

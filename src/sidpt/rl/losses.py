@@ -196,7 +196,9 @@ class LossNorm:
 
     def __add__(self, other: "LossNorm") -> "LossNorm":
         assert self.mode == other.mode and self.norm_len == other.norm_len
-        return LossNorm(self.mode, self.num_tokens + other.num_tokens, self.num_seqs + other.num_seqs, self.norm_len)
+        return LossNorm(
+            self.mode, self.num_tokens + other.num_tokens, self.num_seqs + other.num_seqs, self.norm_len
+        )
 
 
 def loss_norm(mask: Tensor, mode: str, norm_len: float | None = None) -> LossNorm:

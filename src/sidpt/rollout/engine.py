@@ -136,11 +136,13 @@ class Engine:
         V = self.model.args.vocab_size
         if min(req.prompt) < 0 or max(req.prompt) >= V:
             raise ValueError(f"request {req.id!r}: token ids must lie in [0, {V})")
-        need = len(req.prompt) + req.params.max_new_tokens
-        if need > self.cfg.max_model_len or self.cache.blocks_for(min(need, self.cfg.max_model_len)) > self.cache.num_blocks:
-            raise ValueError(
-                f"request {req.id!r}: prompt {len(req.prompt)} + max_new_tokens {req.params.max_new_tokens} "
-                f"exceeds max_model_len {self.cfg.max_model_len} or the KV cache ({self.cache.num_blocks} blocks)")
+        P, cap = len(req.prompt), self.cfg.max_model_len
+        if P >= cap:
+            raise ValueError(f"request {req.id!r}: prompt of {P} tokens leaves no room under max_model_len {cap}")
+        need = self.cache.blocks_for(min(P + req.params.max_new_tokens, cap))
+        if need > self.cache.num_blocks:
+            raise ValueError(f"request {req.id!r}: needs up to {need} KV blocks, the cache has "
+                             f"{self.cache.num_blocks}")
         if len(req.params.stop_token_ids) > self.stop_ids.shape[1]:
             raise ValueError(f"request {req.id!r}: at most {self.stop_ids.shape[1]} stop_token_ids")
         if req.params.stop_strings and self.tokenizer is None:

@@ -1,0 +1,223 @@
+"""The native engine against transformers' generate and against full-sequence forwards."""
+
+import pytest
+import torch
+import transformers
+
+from sidpt.model import build_model, load_checkpoint, token_logprobs
+from sidpt.model.model import ModelArgs
+from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
+from tests.model.hf_fixtures import hf_config, make_hf_model
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
+
+
+def prompts(n, vocab, seed=0, lo=2, hi=24):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def full_logprobs(model, tokens):
+    """log p(token t | tokens < t) for t >= 1 by one full forward, float32."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]))[0, :-1]
+    return token_logprobs(logits, torch.tensor(tokens[1:]))
+
+
+def assert_logprobs_match(model, out, atol=1e-5):
+    ref = full_logprobs(model, out.tokens)
+    got = torch.tensor(out.logprobs[1:])
+    gen = torch.tensor(out.generated[1:])
+    assert gen.sum() > 0
+    assert (got[~gen] == 0).all()
+    torch.testing.assert_close(got[gen], ref[gen], atol=atol, rtol=0)
+
+
+def run_staggered(engine, reqs, arrive_every=2):
+    """Submit requests a few at a time between steps (continuous batching), collect outputs by id."""
+    pending, done, step = list(reqs), {}, 0
+    while pending or engine.has_work():
+        if step % arrive_every == 0:
+            for _ in range(3):
+                if pending:
+                    engine.submit(pending.pop(0))
+        for out in engine.step():
+            done[out.id] = out
+        step += 1
+    return done
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_greedy_matches_transformers_generate(family, tmp_path):
+    hf = make_hf_model(hf_config(family, n_kv_heads=2, tied=family == "qwen2"), seed=3)
+    hf.save_pretrained(tmp_path)
+    model = load_checkpoint(tmp_path)
+    ps = prompts(18, model.args.vocab_size, seed=1)
+    eos = hf.generation_config.eos_token_id  # llama: 2; qwen: None (never stops early)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=() if eos is None else (eos,))
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=200, max_model_len=64))
+    done = run_staggered(engine, [Request(i, p, params) for i, p in enumerate(ps)])
+    assert len(done) == len(ps)
+    reasons = set()
+    for i, p in enumerate(ps):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              do_sample=False, max_new_tokens=12, pad_token_id=0)
+        assert done[i].tokens == ref[0].tolist(), f"prompt {i}"
+        assert done[i].prompt_len == len(p)
+        reasons.add(done[i].finish_reason)
+        assert_logprobs_match(model, done[i])
+    assert "length" in reasons
+
+
+def sharp_model(seed=0, vocab=61):
+    """A tiny random model with peaked next-token distributions (greedy has few near-ties)."""
+    model = build_model(ModelArgs(vocab_size=vocab, dim=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                                  intermediate_size=96), seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    return model
+
+
+def test_small_cache_preempts_and_matches_unconstrained():
+    model = sharp_model(seed=1)
+    ps = prompts(16, model.args.vocab_size, seed=2, lo=3, hi=30)
+    params = SamplingParams(temperature=0.0, max_new_tokens=24)
+    big = Engine(model, EngineConfig(block_size=4, num_blocks=400, max_model_len=64))
+    ref = big.generate([Request(i, p, params) for i, p in enumerate(ps)])
+    assert big.stats["preemptions"] == 0
+    small = Engine(model, EngineConfig(block_size=4, num_blocks=14, max_model_len=64))
+    got = run_staggered(small, [Request(i, p, params) for i, p in enumerate(ps)], arrive_every=1)
+    assert small.stats["preemptions"] > 0  # the cache really was too small
+    for i in range(len(ps)):
+        assert got[i].tokens == ref[i].tokens
+        assert_logprobs_match(model, got[i])
+    assert small.cache.num_free == small.cache.num_blocks and not small.seqs  # everything released
+
+
+class CharTokenizer:
+    """One token per character of a small alphabet: enough to test stop strings."""
+
+    alphabet = "abcdefghij</>hsrc "
+
+    @property
+    def vocab_size(self):
+        return len(self.alphabet)
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] for i in ids)
+
+
+def test_tool_call_stop_resume_keeps_cache_and_logprobs():
+    model = sharp_model(seed=4, vocab=len(CharTokenizer.alphabet))
+    tok = CharTokenizer()
+    # Find a stop string that this model actually generates: the text of greedy tokens 3..5.
+    probe = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96))
+    prompt = [1, 2, 3, 4]
+    free = probe.generate([Request("p", prompt, SamplingParams(temperature=0.0, max_new_tokens=12))])[0]
+    stop = tok.decode(free.tokens[len(prompt) + 3: len(prompt) + 6])
+
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96), tokenizer=tok)
+    params = SamplingParams(temperature=0.0, max_new_tokens=20, stop_strings=(stop,))
+    engine.submit(Request("r", prompt, params))
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    first = outs[-1]
+    assert first.finish_reason == "tool" and first.stop_string == stop
+    assert tok.decode(first.tokens[len(prompt):]).endswith(stop)
+    computed_before = engine.seqs["r"].num_computed
+    prefill_before = engine.stats["prefill_tokens"]
+    obs = [8, 9, 10, 11, 12]
+    engine.resume("r", obs)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    final = outs[-1]
+    # only the last sampled token and the observation were prefilled: the prefix stayed cached
+    assert engine.stats["prefill_tokens"] - prefill_before == len(obs) + 1
+    assert computed_before == len(first.tokens) - 1
+    n1 = len(first.tokens)
+    assert final.tokens[:n1] == first.tokens and final.tokens[n1: n1 + len(obs)] == obs
+    assert final.generated[n1: n1 + len(obs)] == [False] * len(obs)
+    assert final.versions[n1: n1 + len(obs)] == [-1] * len(obs)
+    assert final.finish_reason in ("length", "tool")
+    assert_logprobs_match(model, final)  # across the resume: one forward of the whole sequence
+
+
+def test_sampling_is_reproducible_whatever_the_batch():
+    model = sharp_model(seed=5)
+    ps = prompts(10, model.args.vocab_size, seed=6)
+    params = [SamplingParams(temperature=1.0, max_new_tokens=10, seed=100 + i) for i in range(10)]
+    alone = Engine(model, EngineConfig(block_size=4, num_blocks=200, max_model_len=64))
+    solo = [alone.generate([Request(i, ps[i], params[i])])[0] for i in range(10)]
+    together = Engine(model, EngineConfig(block_size=4, num_blocks=200, max_model_len=64))
+    batched = run_staggered(together, [Request(i, ps[i], params[i]) for i in reversed(range(10))])
+    assert [batched[i].tokens for i in range(10)] == [o.tokens for o in solo]
+    assert len({tuple(o.tokens[len(p):]) for o, p in zip(solo, ps)}) == 10
+
+
+def test_update_weights_bumps_version_and_matches_new_model():
+    model = sharp_model(seed=6)
+    new = sharp_model(seed=7)
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=100, max_model_len=64))
+    p = prompts(1, model.args.vocab_size, seed=8)[0]
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=1)
+    engine.submit(Request("a", p, params))
+    engine.step()
+    engine.step()  # prefill + one decode under version 0
+    sd = new.state_dict()
+    names = list(sd)
+    v = engine.update_weights([{k: sd[k] for k in names[:5]}, {k: sd[k] for k in names[5:]}])
+    assert v == 1
+    out = None
+    while engine.has_work():
+        out = (engine.step() or [out])[0]
+    vers = [x for x, g in zip(out.versions, out.generated) if g]
+    assert vers[:2] == [0, 0] and set(vers[2:]) == {1}
+    after = engine.generate([Request("b", p, params)])[0]
+    assert_logprobs_match(new, after)
+    with pytest.raises(ValueError, match="has shape"):
+        engine.update_weights([{names[0]: torch.zeros(3)}])
+    with pytest.raises(KeyError, match="unknown parameter 'nope'"):
+        engine.update_weights([{"nope": torch.zeros(3)}])
+
+
+@pytest.mark.parametrize("fmt, lo, hi", [("bf16", 1e-4, 0.1), ("fp8", 1e-3, 1.0)])
+def test_emulated_precision_gives_a_small_measurable_mismatch(fmt, lo, hi):
+    ref_model = sharp_model(seed=9)
+    emu_model = sharp_model(seed=9)
+    engine = Engine(emu_model, EngineConfig(block_size=4, num_blocks=100, max_model_len=64,
+                                            precision=f"emulated-{fmt}"))
+    ps = prompts(4, ref_model.args.vocab_size, seed=10)
+    outs = engine.generate([Request(i, p, SamplingParams(temperature=1.0, max_new_tokens=16, seed=i))
+                            for i, p in enumerate(ps)])
+    errs = []
+    for o in outs:
+        ref = full_logprobs(ref_model, o.tokens)
+        gen = torch.tensor(o.generated[1:])
+        errs.append((torch.tensor(o.logprobs[1:]) - ref)[gen].abs())
+    err = torch.cat(errs).mean().item()
+    assert lo < err < hi, err
+
+
+def test_bad_requests_are_rejected_with_a_reason():
+    engine = Engine(sharp_model(), EngineConfig(block_size=4, num_blocks=8, max_model_len=64))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.submit(Request("a", []))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 61\)"):
+        engine.submit(Request("b", [1, 61]))
+    with pytest.raises(ValueError, match="no room under max_model_len 64"):
+        engine.submit(Request("c", [1] * 64))
+    with pytest.raises(ValueError, match="needs up to 10 KV blocks, the cache has 8"):
+        engine.submit(Request("c", [1] * 30, SamplingParams(max_new_tokens=10)))
+    with pytest.raises(ValueError, match="stop_strings need an engine with a tokenizer"):
+        engine.submit(Request("d", [1], SamplingParams(max_new_tokens=4, stop_strings=("x",))))
+    engine.submit(Request("e", [1, 2], SamplingParams(max_new_tokens=4)))
+    with pytest.raises(ValueError, match="already in the engine"):
+        engine.submit(Request("e", [1, 2], SamplingParams(max_new_tokens=4)))
+    out = engine.abort("e")
+    assert out.finish_reason == "abort" and out.tokens == [1, 2] and not engine.seqs
