@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, TOKENS
-from sidpt.rl.correction import apply_correction
+from sidpt.rl.correction import apply_correction, mismatch_metrics
 from sidpt.rl.kl import entropy_from_logits
 from sidpt.rl.losses import (
     AGG_MODES,
@@ -216,3 +216,28 @@ def test_micro_batch_loss_fixture():
     assert float(loss) == pytest.approx(want, abs=1e-12)
     assert float(m["loss/policy"]) == pytest.approx(sum(pg) / 2, abs=1e-12)
     assert float(m["loss/clip_frac"]) == pytest.approx(0.5)  # token 1: r = 1.65 > 1.28 with A > 0
+
+
+@pytest.mark.parametrize("name", list(POLICY_LOSSES))
+def test_infinite_padding_is_harmless(name):
+    """Engines and recomputes may leave -inf / nan in padding slots: nothing may leak."""
+    batch, logits0 = make_batch(3, 5, 6)
+    pad = ~batch[LOSS_MASK]
+    assert pad.any()
+    for key, fill in [(OLD_LOGPROBS, -torch.inf), (ROLLOUT_LOGPROBS, -torch.inf), (REF_LOGPROBS, torch.nan)]:
+        batch[key] = torch.where(pad, fill, batch[key])
+    batch, corr = apply_correction(batch, "icepop", lo=0.6, hi=1.6)
+    assert torch.isfinite(corr.weight).all()
+    stats = mismatch_metrics(
+        batch[ROLLOUT_LOGPROBS], batch[OLD_LOGPROBS], batch[LOSS_MASK], corr, batch[ADVANTAGES]
+    )
+    assert all(torch.isfinite(v) for v in stats.values())
+    for kind in ("k1", "k2", "k3"):
+        logits = logits0.clone().requires_grad_(True)
+        lp = torch.log_softmax(logits, -1).gather(-1, batch[TOKENS][..., None])[..., 0]
+        norm = loss_norm(batch[TRAIN_MASK], "token-mean")
+        loss, _ = micro_batch_loss(
+            lp, batch, norm, loss=name, loss_kwargs=LOSS_KW[name], kl_coef=0.1, kl_kind=kind
+        )
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -301,7 +301,9 @@ def micro_batch_loss(
     total = pg
     metrics = {"loss/policy": aggregate(pg, mask, norm).detach()}
     if kl_coef > 0:
-        kl = torch.where(mask, kl_estimate(logprobs, batch[REF_LOGPROBS], kl_kind), 0.0)  # [n, T]
+        # mask the inputs, not only the output: padding log-probs may be -inf (0 * inf = nan in backward)
+        lp, ref = torch.where(mask, logprobs, 0.0), torch.where(mask, batch[REF_LOGPROBS], 0.0)
+        kl = kl_estimate(lp, ref, kl_kind)  # [n, T], 0 off mask
         total = total + kl_coef * kl
         metrics["loss/kl"] = aggregate(kl, mask, norm).detach()
     if entropy is not None:

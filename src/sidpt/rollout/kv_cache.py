@@ -77,8 +77,12 @@ class PagedAttention:
         gqa = q.shape[1] != KV
         if self.fresh:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        keys = kc[self.read_slots].transpose(1, 2)  # [B, KV, L, hd]
-        values = vc[self.read_slots].transpose(1, 2)
+        # A row gather of the flat slot list through F.embedding: on a 2-thread CPU it ran 1.5-3x
+        # faster than index_select on the 4-D view and than advanced indexing (tools/bench_rollout.py).
+        B, L = self.read_slots.shape
+        flat_read = self.read_slots.reshape(-1)
+        keys = F.embedding(flat_read, kc.view(kc.shape[0], KV * hd)).view(B, L, KV, hd).transpose(1, 2)
+        values = F.embedding(flat_read, vc.view(vc.shape[0], KV * hd)).view(B, L, KV, hd).transpose(1, 2)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=gqa)
 
 

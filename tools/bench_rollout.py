@@ -1,0 +1,168 @@
+"""Rollout throughput: sidpt's native engine vs transformers' ``generate``, against the roofline.
+
+    python tools/bench_rollout.py                       # 6M / 25M / 100M at batch 1, 16, 64
+    python tools/bench_rollout.py --sizes 25M --batches 64 --new-tokens 64
+
+Same weights (random, saved by sidpt and loaded by transformers), same prompts (16 random tokens
+each), greedy, ``--new-tokens`` new tokens per prompt, fp32, 2 threads.
+
+Roofline. Both rates are measured at start-up in this run: the matmul rate F (best of a few
+1024^3 fp32 GEMMs) and the copy bandwidth W (bytes read + written per second by a 256 MiB
+``copy_``). A decode step over B sequences of context l costs
+
+    FLOPs = 2 * B * (non-embedding params + LM head) + 4 * B * n_layers * n_heads * head_dim * l
+    bytes = weight bytes (non-embedding + LM head) + B * l * (KV bytes per token)
+
+and is allowed max(FLOPs / F, bytes / W) seconds; the prefill of the prompts is charged the same
+way. The roofline time of a run is the sum over its steps; "% roofline" is that time over the
+measured wall time (higher is better, 100% is the bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from sidpt.model import SIZES, build_model, save_checkpoint
+from sidpt.model.model import ModelArgs
+from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
+
+
+def measure_rates(repeats: int = 5) -> tuple[float, float]:
+    """(matmul FLOP/s, copy bytes/s) on this machine, now."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    flops = 2 * 1024**3 / best
+    x, y = torch.empty(64 * 2**20), torch.randn(64 * 2**20)  # 256 MiB each
+    x.copy_(y)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.copy_(y)
+        best = min(best, time.perf_counter() - t)
+    return flops, 2 * x.numel() * 4 / best
+
+
+def roofline_seconds(args: ModelArgs, B: int, prompt: int, new: int, F: float, W: float) -> float:
+    """Sum over the prefill and every decode step of max(FLOPs / F, bytes / W), fp32."""
+    head = args.vocab_size * args.dim
+    body = args.num_params(embeddings=False)
+    weights = 4 * (body + head)
+    kv_tok = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4
+    attn_flops_per_key = 4 * args.n_layers * args.n_heads * args.head_dim
+
+    def step(n_tokens: int, context: int) -> float:
+        flops = 2 * n_tokens * body + 2 * B * head + n_tokens * attn_flops_per_key * context
+        nbytes = weights + B * context * kv_tok
+        return max(flops / F, nbytes / W)
+
+    total = step(B * prompt, prompt // 2)  # prefill: each token sees on average half the prompt
+    for i in range(1, new):  # the first new token comes out of the prefill
+        total += step(B, prompt + i)
+    return total
+
+
+def bench_sidpt(model, prompts, new: int, repeats: int) -> float:
+    cfg = EngineConfig(block_size=16, kv_cache_mb=2048, max_model_len=len(prompts[0]) + new + 16,
+                       max_seqs=max(8, len(prompts)), max_prefill_tokens=8192)
+    engine = Engine(model, cfg)
+    params = SamplingParams(temperature=0.0, max_new_tokens=new)
+    engine.generate([Request(f"w{i}", p, SamplingParams(temperature=0.0, max_new_tokens=4))
+                     for i, p in enumerate(prompts)])
+    best = float("inf")
+    for r in range(repeats):
+        t = time.perf_counter()
+        outs = engine.generate([Request(f"{r}-{i}", p, params) for i, p in enumerate(prompts)])
+        best = min(best, time.perf_counter() - t)
+        assert all(len(o.tokens) == len(p) + new for o, p in zip(outs, prompts))
+    return best
+
+
+def bench_hf(path, prompts, new: int, repeats: int) -> float:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = model.generate(ids, **kw)
+            best = min(best, time.perf_counter() - t)
+    assert out.shape == (len(prompts), len(prompts[0]) + new)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=["6M", "25M", "100M"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers (sidpt only)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    console = Console()
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        console.print(f"[yellow]load average {load:.2f}: another process is busy, timings will be low[/]")
+    F, W = measure_rates()
+    console.print(f"measured: matmul {F / 1e9:.1f} GFLOP/s, copy {W / 1e9:.2f} GB/s (read + write)")
+
+    table = Table(title=f"greedy decode, prompt {a.prompt_len}, {a.new_tokens} new tokens, fp32, "
+                        f"{a.threads} threads (tokens/s)")
+    for col in ("model", "batch", "sidpt", "transformers", "sidpt / HF", "roofline", "sidpt % roof",
+                "HF % roof", "bound"):
+        table.add_column(col, justify="right")
+    g = torch.Generator().manual_seed(0)
+    for size in a.sizes:
+        args = SIZES[size]
+        model = build_model(args, seed=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            if not a.no_hf:
+                save_checkpoint(tmp, model)
+            for B in a.batches:
+                prompts = torch.randint(0, args.vocab_size, (B, a.prompt_len), generator=g).tolist()
+                n = B * a.new_tokens
+                t_s = bench_sidpt(model, prompts, a.new_tokens, a.repeats)
+                t_h = None if a.no_hf else bench_hf(tmp, prompts, a.new_tokens, a.repeats)
+                roof = roofline_seconds(args, B, a.prompt_len, a.new_tokens, F, W)
+                flops_t = 2 * B * (args.num_params(False) + args.vocab_size * args.dim) / F
+                bytes_t = 4 * (args.num_params(False) + args.vocab_size * args.dim) / W
+                table.add_row(
+                    f"{size} ({model_params(args) / 1e6:.1f}M)", str(B), f"{n / t_s:.0f}",
+                    "-" if t_h is None else f"{n / t_h:.0f}",
+                    "-" if t_h is None else f"{t_h / t_s:.2f}x",
+                    f"{n / roof:.0f}", f"{100 * roof / t_s:.0f}%",
+                    "-" if t_h is None else f"{100 * roof / t_h:.0f}%",
+                    "compute" if flops_t > bytes_t else "memory",
+                )
+                console.print(f"  {size} batch {B}: sidpt {n / t_s:.0f} tok/s"
+                              + ("" if t_h is None else f", transformers {n / t_h:.0f} tok/s"))
+                gc.collect()
+    console.print(table)
+
+
+def model_params(args: ModelArgs) -> int:
+    return args.num_params(embeddings=True)
+
+
+if __name__ == "__main__":
+    main()
