@@ -221,3 +221,20 @@ def test_bad_requests_are_rejected_with_a_reason():
         engine.submit(Request("e", [1, 2], SamplingParams(max_new_tokens=4)))
     out = engine.abort("e")
     assert out.finish_reason == "abort" and out.tokens == [1, 2] and not engine.seqs
+
+
+def test_static_decode_buckets_match_dynamic_decode():
+    """The padded fixed-shape decode (what CUDA graphs capture) gives the dynamic path's outputs."""
+    model = sharp_model(seed=11)
+    ps = prompts(11, model.args.vocab_size, seed=12, lo=2, hi=40)  # batch 11 pads to 16, contexts vary
+    outs = {}
+    for static in (False, True):
+        engine = Engine(model, EngineConfig(block_size=4, num_blocks=300, max_model_len=64, static_decode=static))
+        outs[static] = engine.generate([Request(i, p, SamplingParams(temperature=1.0, max_new_tokens=4 + 2 * i,
+                                                                     seed=i)) for i, p in enumerate(ps)])
+        if static:  # the batch shrank as requests finished and contexts grew: several buckets
+            assert {b for b, _ in engine._static} >= {16, 8, 4} and len({n for _, n in engine._static}) >= 2
+    for a, b in zip(outs[False], outs[True]):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+        assert_logprobs_match(model, b)

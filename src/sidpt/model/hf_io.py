@@ -2,8 +2,9 @@
 
 Reads single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``)
 checkpoints of the Llama, Qwen2 and Qwen3 families and writes the same layout back, so a
-checkpoint saved by sidpt loads in transformers and vLLM. Parameter names are HF's minus the
-``model.`` prefix (see ``model.py``). Every failure names the file and, where there is one, the
+checkpoint saved by sidpt loads in transformers and vLLM. sidpt's names are HF's minus the
+``model.`` prefix, with q/k/v stacked into ``qkv_proj`` and gate/up into ``gate_up_proj``
+(``hf_to_sidpt`` / ``sidpt_to_hf``). Every failure names the file and, where there is one, the
 tensor: a corrupt or truncated safetensors file, a config.json missing a field, a tensor whose
 shape disagrees with the config, a missing or unexpected tensor, a non-finite weight.
 
@@ -162,19 +163,65 @@ def read_args(path: str | os.PathLike) -> ModelArgs:
 # Weights
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """sidpt parameter name -> shape, for every tensor a checkpoint of ``args`` must hold."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for every tensor a checkpoint of ``args`` must hold."""
+    d, hd, inter = args.dim, args.head_dim, args.intermediate_size
+    q, kv = args.n_heads * hd, args.n_kv_heads * hd
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, d), "model.norm.weight": (d,)}
+    for i in range(args.n_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        shapes.update({a + "q_proj.weight": (q, d), a + "k_proj.weight": (kv, d), a + "v_proj.weight": (kv, d),
+                       a + "o_proj.weight": (d, q)})
+        if args.qkv_bias:
+            shapes.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
+        if args.o_bias:
+            shapes[a + "o_proj.bias"] = (d,)
+        if args.qk_norm:
+            shapes.update({a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,)})
+        shapes.update({m + "gate_proj.weight": (inter, d), m + "up_proj.weight": (inter, d),
+                       m + "down_proj.weight": (d, inter)})
+        shapes[f"model.layers.{i}.input_layernorm.weight"] = (d,)
+        shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (d,)
+    if not args.tie_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, d)
+    return shapes
 
 
-def to_hf_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else PREFIX + name
+# sidpt fuses q/k/v into qkv_proj and gate/up into gate_up_proj (rows stacked in this order).
+_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
-def from_hf_name(name: str) -> str:
-    return name.removeprefix(PREFIX)
+def hf_to_sidpt(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF-named tensors -> sidpt state dict (drops the ``model.`` prefix, stacks fused projections)."""
+    out = {}
+    for name, t in tensors.items():
+        if not any(f".{part}." in name for parts in _FUSED.values() for part in parts):
+            out[name.removeprefix(PREFIX)] = t
+    for i in range(args.n_layers):
+        base = f"model.layers.{i}."
+        for fused, parts in _FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"{base}{p}.{kind}" for p in parts]
+                if names[0] in tensors:
+                    out[f"layers.{i}.{fused}.{kind}"] = torch.cat([tensors[n] for n in names], dim=0)
+    return out
+
+
+def sidpt_to_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """sidpt state dict -> HF-named tensors (splits the fused projections)."""
+    q, kv, inter = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    sizes = {"self_attn.qkv_proj": (q, kv, kv), "mlp.gate_up_proj": (inter, inter)}
+    out = {}
+    for name, t in state_dict.items():
+        fused = next((f for f in _FUSED if f".{f}." in name), None)
+        if fused is None:
+            out[name if name.startswith("lm_head.") else PREFIX + name] = t
+            continue
+        layer, kind = name.split(f".{fused}.")
+        for part, piece in zip(_FUSED[fused], t.split(sizes[fused], dim=0)):
+            out[f"{PREFIX}{layer}.{part}.{kind}"] = piece
+    return out
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -197,9 +244,9 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 def load_state_dict(path: str | os.PathLike, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Read, check and return sidpt-named tensors (dtype as stored) for ``args``."""
+    """Read, check and return the sidpt state dict (dtype as stored) for ``args``."""
     path = Path(path)
-    want = expected_shapes(args)
+    want = hf_shapes(args)
     files = _weight_files(path)
     by_file: dict[Path, list[str]] = {}
     for hf_name, file in files.items():
@@ -209,33 +256,32 @@ def load_state_dict(path: str | os.PathLike, args: ModelArgs) -> dict[str, torch
         try:
             with safe_open(file, framework="pt") as f:
                 present = set(f.keys())
-                for hf_name in names:
-                    if hf_name.endswith(_IGNORED_SUFFIXES):
+                for name in names:
+                    if name.endswith(_IGNORED_SUFFIXES):
                         continue
-                    name = from_hf_name(hf_name)
                     if name == "lm_head.weight" and args.tie_embeddings:
                         continue  # tied: the head reads the embedding
                     if name not in want:
-                        raise CheckpointError(f"{file}: unexpected tensor {hf_name!r} for this config")
-                    if hf_name not in present:
-                        raise CheckpointError(f"{file}: index lists {hf_name!r} but the file lacks it")
-                    t = f.get_tensor(hf_name)
+                        raise CheckpointError(f"{file}: unexpected tensor {name!r} for this config")
+                    if name not in present:
+                        raise CheckpointError(f"{file}: index lists {name!r} but the file lacks it")
+                    t = f.get_tensor(name)
                     if tuple(t.shape) != want[name]:
                         raise CheckpointError(
-                            f"{file}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                            f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
                             f"but config.json implies {want[name]}"
                         )
                     if t.is_floating_point() and not torch.isfinite(t).all():
-                        raise CheckpointError(f"{file}: tensor {hf_name!r} holds NaN or inf values")
+                        raise CheckpointError(f"{file}: tensor {name!r} holds NaN or inf values")
                     out[name] = t
         except FileNotFoundError:
             raise CheckpointError(f"{file}: shard listed in {INDEX_FILE} not found") from None
         except SafetensorError as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    missing = [to_hf_name(n) for n in want if n not in out]
+    missing = [n for n in want if n not in out]
     if missing:
         raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return out
+    return hf_to_sidpt(out, args)
 
 
 def load_checkpoint(
@@ -270,7 +316,8 @@ def save_checkpoint(
         args = model_or_args
         if state_dict is None:
             raise ValueError("save_checkpoint(path, args, ...) needs a state_dict")
-    tensors = {to_hf_name(k): v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state_dict.items()}
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+               for k, v in sidpt_to_hf(state_dict, args).items()}
     dtype = dtype or next(iter(tensors.values())).dtype
 
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -4,9 +4,10 @@
     Qwen2 : Llama + bias on q/k/v (not o)
     Qwen3 : Llama + RMSNorm on each head of q and k (before RoPE), no biases
 
-Parameter names are Hugging Face's without the leading ``model.`` (``layers.3.self_attn.q_proj``),
-so checkpoint I/O (``hf_io.py``) is a prefix strip and a user coming from HF or vLLM reads them
-as usual.
+Parameter names are Hugging Face's without the leading ``model.`` (``layers.3.self_attn.o_proj``),
+except that, as in vLLM and gpt-fast, q/k/v are one ``qkv_proj`` and gate/up one ``gate_up_proj``:
+one matmul instead of three (two) reads the activations once and halves the per-layer op count,
+which is what bounds small-batch decode. ``hf_io.py`` splits and joins them at the checkpoint.
 
 Attention is a pluggable callable: ``forward_hidden(tokens, positions, attn=...)`` calls
 ``attn(layer_idx, q, k, v)`` with the rotated q/k of one layer. The default is dense causal
@@ -128,8 +129,8 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, hd] by the half-split (GPT-NeoX/HF) convention."""
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd]
+    """Rotate x [B, T, heads, hd] by the half-split (GPT-NeoX/HF) convention."""
+    cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, hd]
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -165,35 +166,34 @@ class SelfAttention(nn.Module):
         super().__init__()
         hd = args.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, hd
-        self.q_proj = nn.Linear(args.dim, args.n_heads * hd, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        # rows: the n_heads q heads, then the k heads, then the v heads (HF's q_proj; k_proj; v_proj)
+        self.qkv_proj = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=args.o_bias)
         self.q_norm = RMSNorm(hd, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(hd, args.norm_eps) if args.qk_norm else None
 
     def forward(self, x, cos, sin, layer: int, attn: Attention) -> torch.Tensor:
         B, T, _ = x.shape  # [B, T, D]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, KV = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim)
+        qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :]
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|KV, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attn(layer, q, k, v)  # [B, H, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
+        qk = apply_rope(qk, cos, sin)  # q and k heads rotated together
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H|KV, T, hd]
+        y = attn(layer, q, k, v.transpose(1, 2))  # [B, H, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # [gate; up]
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -244,7 +244,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)  # [B, T, D]
-        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # [B, T, hd]
+        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # [B, T, hd] each
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, attn)
         return self.norm(x)

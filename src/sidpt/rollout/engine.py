@@ -30,7 +30,7 @@ from typing import Callable, Hashable, Iterable
 import torch
 
 from sidpt.model.model import Transformer
-from sidpt.rollout.kv_cache import PagedKVCache, build_attention
+from sidpt.rollout.kv_cache import PagedAttention, PagedKVCache, build_attention
 from sidpt.rollout.precision import FORMATS, install_activation_rounding, round_weights
 from sidpt.rollout.sampling import SamplingParams, sample, uniform
 
@@ -47,6 +47,8 @@ class EngineConfig:
     max_prefill_tokens: int = 2048  # prompt tokens computed per step (chunked prefill beyond)
     precision: str = "native"  # native | emulated-bf16 | emulated-fp16 | emulated-fp8
     seed: int = 0  # draws the seed of requests that bring none
+    cuda_graphs: bool = True  # on CUDA: capture decode steps as CUDA graphs (ignored on CPU)
+    static_decode: bool = False  # pad decode batches to fixed (batch, context) buckets; on with graphs
 
     def __post_init__(self):
         if self.precision != "native" and self.precision.removeprefix("emulated-") not in FORMATS:
@@ -125,6 +127,10 @@ class Engine:
         self._seed_gen = torch.Generator().manual_seed(config.seed)
         self._triggers: dict[str, torch.Tensor] = {}  # stop string -> token ids whose text ends it
         self.stats = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        self.static_decode = config.static_decode or self.use_graphs
+        self._static: dict[tuple[int, int], _StaticDecode] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -330,24 +336,28 @@ class Engine:
         """Compute tokens [num_computed, num_computed + n) of each seq; sample where the seq is complete."""
         dev = self.device
         rows = torch.tensor([s.row for s in seqs], device=dev)
-        start = torch.tensor([s.num_computed for s in seqs], device=dev)
-        n_new = torch.tensor(ns, device=dev)
+        starts = [s.num_computed for s in seqs]
+        start = torch.tensor(starts, device=dev)
         Tq = max(ns)
-        attn, positions = build_attention(self.cache, self.block_table[rows], start, n_new, Tq)
-        tokens = self.tok_buf[rows[:, None], positions]  # [B, Tq]
-        hidden = self.model.forward_hidden(tokens, positions, attn)  # [B, Tq, D]
-        self.stats["decode_tokens" if Tq == 1 else "prefill_tokens"] += sum(ns)
         done = [s.num_computed + n == s.seq_len for s, n in zip(seqs, ns)]
         for s, n in zip(seqs, ns):
             s.num_computed += n
             s.status = RUNNING if s.num_computed == s.seq_len else WAITING
-        idx = [i for i, d in enumerate(done) if d]
-        if not idx:
-            return []
-        sel = torch.tensor(idx, device=dev)
-        last = hidden[sel, n_new[sel] - 1]  # [b, D]
-        logits = self.model.logits(last)  # [b, V]
-        rows = rows[sel]
+        self.stats["decode_tokens" if Tq == 1 else "prefill_tokens"] += sum(ns)
+        if Tq == 1 and self.static_decode:
+            logits = self._decode_static(rows, start, max(starts) + 1)  # [B, V]
+            idx = list(range(len(seqs)))
+        else:
+            n_new = torch.tensor(ns, device=dev)
+            attn, positions = build_attention(self.cache, self.block_table[rows], start, n_new, Tq)
+            tokens = self.tok_buf[rows[:, None], positions]  # [B, Tq]
+            hidden = self.model.forward_hidden(tokens, positions, attn)  # [B, Tq, D]
+            idx = [i for i, d in enumerate(done) if d]
+            if not idx:
+                return []
+            sel = torch.tensor(idx, device=dev)
+            logits = self.model.logits(hidden[sel, n_new[sel] - 1])  # [b, V]
+            rows = rows[sel]
         sseqs = [seqs[i] for i in idx]
         counter = torch.tensor([s.n_gen for s in sseqs], device=dev)
         u = uniform(self.seeds[rows], counter)
@@ -373,6 +383,38 @@ class Engine:
             if reason is not None:
                 outs.append(self._finish(s, reason, stop_str))
         return outs
+
+    # -- static-shape decode (CUDA graphs) -------------------------------------------------------
+
+    def _decode_static(self, rows: torch.Tensor, pos: torch.Tensor, ctx_max: int) -> torch.Tensor:
+        """Decode the token at ``pos`` [B] of each row, padded to a (batch, context) bucket.
+
+        Padding rows compute a dummy token at position 0 whose K/V go to the scratch block and
+        which attends to one scratch key. On CUDA each bucket is captured once as a CUDA graph and
+        replayed; elsewhere the same padded forward runs eagerly (which is how the padding is
+        tested on the CPU)."""
+        B, bs = rows.numel(), self.cache.block_size
+        Bb = 1 << (B - 1).bit_length()  # next power of two
+        nb = min(1 << (-(-ctx_max // bs) - 1).bit_length(), self.max_blocks)
+        st = self._static.get((Bb, nb))
+        if st is None:
+            st = self._static[(Bb, nb)] = _StaticDecode(self, Bb, nb)
+        scratch = self.cache.scratch_block
+        bt = torch.full((Bb, nb), scratch, dtype=torch.int64, device=self.device)
+        bt[:B] = self.block_table[rows, :nb]
+        p = torch.zeros(Bb, dtype=torch.int64, device=self.device)
+        p[:B] = pos
+        st.tokens.zero_()
+        st.tokens[:B, 0] = self.tok_buf[rows, pos]
+        st.positions.copy_(p[:, None])
+        write = bt.gather(1, (p // bs)[:, None]) * bs + (p % bs)[:, None]  # [Bb, 1]
+        write[B:] = scratch * bs
+        st.write.copy_(write)
+        st.read.copy_((bt[:, :, None] * bs + torch.arange(bs, device=self.device)).reshape(Bb, nb * bs))
+        ctx = p + 1  # padding rows: one visible key (a scratch slot)
+        st.mask.copy_((torch.arange(nb * bs, device=self.device)[None, :] < ctx[:, None])[:, None, None, :])
+        st.run()
+        return st.logits[:B]
 
     def _finish(self, s: _Seq, reason: str, stop_str: str | None) -> Output:
         out = self._output(s, reason, stop_str)
@@ -413,3 +455,44 @@ class Engine:
             if stop in self.tokenizer.decode(ids) and stop not in self.tokenizer.decode(ids[:-1]):
                 return stop
         return None
+
+
+class _StaticDecode:
+    """Fixed-shape input/output buffers of one (batch, context) bucket, and its CUDA graph."""
+
+    def __init__(self, engine: Engine, B: int, nb: int):
+        dev, L = engine.device, nb * engine.cache.block_size
+        self.engine = engine
+        self.tokens = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+        self.write = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+        self.read = torch.zeros(B, L, dtype=torch.int64, device=dev)
+        self.mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=dev)
+        self.logits = torch.zeros(B, engine.model.args.vocab_size, dtype=next(engine.model.parameters()).dtype,
+                                  device=dev)
+        self.graph = None
+        if engine.use_graphs:
+            self.write.fill_(engine.cache.scratch_block * engine.cache.block_size)
+            self.read.fill_(engine.cache.scratch_block * engine.cache.block_size)
+            self.mask[..., 0] = True
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up kernels and the allocator outside the capture
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=engine._graph_pool):
+                self._forward()
+
+    def _forward(self) -> None:
+        e = self.engine
+        attn = PagedAttention(e.cache, self.write, self.read, self.mask, fresh=False)
+        hidden = e.model.forward_hidden(self.tokens, self.positions, attn)  # [B, 1, D]
+        self.logits.copy_(e.model.logits(hidden[:, -1]))
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._forward()

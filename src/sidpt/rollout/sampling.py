@@ -66,6 +66,12 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return (mantissa.double() + 0.5) / float(1 << 53)
 
 
+def token_logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tok] per row, float32: logits [B, V], tok [B] -> [B]."""
+    logits = logits.float()
+    return logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
 def truncated_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                        top_p: torch.Tensor) -> torch.Tensor:
     """log q over the vocabulary [B, V] (float32), q as in the module docstring; -inf off-support."""
@@ -94,11 +100,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
     Returns tokens [B] int64 and their log-probabilities [B] float32 (see the module docstring).
     Sampling is by inverse CDF over the vocabulary in index order, one uniform per token."""
+    greedy = temperature == 0
+    if bool(greedy.all()):  # fast path: argmax and its log-probability under T = 1
+        tok = logits.argmax(-1)
+        return tok, token_logprob(logits, tok)
     logq = truncated_logprobs(logits, temperature, top_k, top_p)  # [B, V]
     cdf = logq.exp().double().cumsum(-1)  # [B, V]; float64 so the last entry is 1 to ~1e-15
     target = (u.double() * cdf[:, -1])[:, None]
     drawn = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
-    greedy = temperature == 0
     if bool(greedy.any()):
         drawn = torch.where(greedy, logits.argmax(-1), drawn)
         logq = torch.where(greedy[:, None], torch.log_softmax(logits.float(), -1), logq)
