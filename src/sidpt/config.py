@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key."""
+from sidpt.env.search import SearchEnvConfig
+from sidpt.errors import ConfigError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,17 +42,121 @@ class RunConfig:
     """Directory that holds one sub-directory per run."""
     seed: int = 0
     """Seed for every random number generator (torch, python, sampling)."""
+    steps: int = 0
+    """RL steps (0: no RL phase)."""
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    """colocated: every role on every rank, phases alternate; disaggregated: separate meshes."""
+    rollout_ranks: int = 0
+    """Ranks given to rollout when disaggregated (0 when colocated: all ranks)."""
+    eval_every: int = 0
+    """Evaluate on held-out questions every this many RL steps (0: only before and after)."""
+    threads: int = 0
+    """torch threads per rank (0: the cores divided among the ranks on this node)."""
 
 
 @dataclass
 class ModelConfig:
     path: str = ""
     """HF-layout checkpoint directory (config.json + *.safetensors + tokenizer.json). Empty: a
-    randomly initialised model of size ``size`` (for tests and debugging)."""
+    randomly initialised model of size ``size`` with the task's own tokenizer."""
     size: str = "debug"
     """Named model size used when ``path`` is empty; see ``sidpt.model.model.SIZES``."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter and activation dtype (norms, softmax and RoPE tables are computed in float32)."""
+    vocab_size: int = 0
+    """Vocabulary of a random-init model's tokenizer, trained on the task (0: the size's default)."""
+
+
+@dataclass
+class TaskConfig:
+    dir: str = "runs/task"
+    """Directory with corpus.jsonl, train.jsonl, heldout.jsonl (created when missing)."""
+    n_entities: int = 300
+    """Entities in a generated task."""
+    seed: int = 0
+    """Seed of the generated task (independent of run.seed)."""
+    eval_questions: int = 200
+    """Held-out questions per evaluation (greedy)."""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16
+    """Prompts (groups) per RL step, over all ranks; must divide by the number of rollout ranks."""
+    group_size: int = 8
+    """Samples per prompt (GRPO group)."""
+    max_new_tokens: int = 96
+    """Generated tokens per episode over all turns."""
+    max_model_len: int = 512
+    """Prompt + all turns + observations, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (RL samples at 1: the logprobs are then the policy's own)."""
+    top_p: float = 1.0
+    """Nucleus truncation (1: none)."""
+    top_k: int = 0
+    """Top-k truncation (0: none)."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_mb: float = 256.0
+    """KV cache size per rank."""
+    precision: str = "native"
+    """Engine precision: native, or emulated-bf16 / emulated-fp16 / emulated-fp8 on an fp32 model."""
+
+
+@dataclass
+class AlgoConfig:
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    """Advantage estimator (sidpt.rl.advantages)."""
+    norm_std: bool = True
+    """GRPO: divide by the group's reward std."""
+    loss: Literal["ppo", "gspo", "gspo_token", "cispo", "reinforce", "is_pg"] = "ppo"
+    """Policy loss (sidpt.rl.losses)."""
+    eps_low: float = 0.2
+    """Lower clip range of the ratio."""
+    eps_high: float = 0.28
+    """Upper clip range of the ratio (clip-higher)."""
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    """Loss aggregation over tokens and trajectories."""
+    kl_coef: float = 0.0
+    """KL-to-reference coefficient in the loss (0: no reference model)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    correction: str = "none"
+    """Trainer-inference mismatch correction (sidpt.rl.correction.CORRECTION_MODES)."""
+    correction_form: Literal["decoupled", "bypass"] = "decoupled"
+    """decoupled: PPO ratio against the trainer's recompute; bypass: against the engine's logprobs."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    """AdamW learning rate of the RL phase."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    micro_batch_tokens: int = 16384
+    """Padded tokens per micro-batch (rows x longest)."""
+    publish_bucket_mb: float = 64.0
+    """Bucket size of the weight publish from trainer to engine."""
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 0
+    """SFT warm-start steps before RL (0: none)."""
+    lr: float = 1e-3
+    """SFT learning rate."""
+    batch_size: int = 32
+    """Trajectories per SFT step, over all ranks."""
+    n_trajectories: int = 300
+    """Distinct SFT trajectories (built on entities outside train and held-out)."""
 
 
 @dataclass
@@ -62,6 +165,25 @@ class Config:
     """Run identity and outputs."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The search task's data."""
+    env: SearchEnvConfig = field(default_factory=SearchEnvConfig)
+    """The search environment (an empty corpus means the task's corpus.jsonl)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The rollout engine and sampling."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """The RL algorithm."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimiser of the RL phase."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """The supervised warm-start."""
+
+    def validate(self) -> None:
+        if self.rollout.group_size < 1 or self.rollout.prompts_per_step < 1:
+            raise ConfigError("rollout.group_size and rollout.prompts_per_step must be >= 1")
+        if self.rollout.max_new_tokens >= self.rollout.max_model_len:
+            raise ConfigError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be < "
+                              f"rollout.max_model_len={self.rollout.max_model_len}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,262 @@
+"""The controller: the whole dataflow of a run in one loop, executed by every rank.
+
+    plan      = build_plan(world, placement)                 # role meshes, same on every rank
+    trainer   = Trainer(policy, mesh=plan.trainer_mesh)      # FSDP2 over the trainer mesh
+    engine    = Engine(copy of the policy)                   # native engine, paged KV cache
+    sft warm-start (optional), evaluate
+    for step in steps:
+        jobs      = this rank's share of the step's prompts  # chosen from (seed, step): no broadcast
+        episodes  = run_episodes(engine, env, jobs)          # multi-turn search, per-token logprobs
+        batch     = episodes_to_batch(episodes)              # TensorDict, loss_mask on sampled tokens
+        batch     = trainer.recompute(batch)                 # old (and ref) logprobs
+        mismatch  = mismatch_metrics(batch)                  # trainer vs engine, every step
+        batch     = compute_advantages(batch); apply_correction(batch)
+        stats     = trainer.rl_step(batch)                   # micro-batches, global normalisers
+        publish(trainer -> engine)                           # full-tensor buckets, version += 1
+        log(step, ...)
+    evaluate, table, reward curve
+
+Colocated placement only: rollout and training alternate on every rank, and each rank trains on
+the episodes it generated (groups never straddle ranks, so advantages need no communication;
+loss normalisers and metrics are all-reduced). The disaggregated async pipeline is not built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REWARD, ROLLOUT_LOGPROBS, SEQ_LEN
+from sidpt.config import Config, ConfigError, save_config
+from sidpt.data import episode_seed, episode_tensors, prepare_task, sft_batch, step_indices, task_tokenizer
+from sidpt.dist.plan import build_plan
+from sidpt.dist.world import World, all_reduce_sum, init_world, shutdown
+from sidpt.env.base import FINISH_CODES
+from sidpt.env.search import SearchEnv, format_prompt, load_questions
+from sidpt.env.task import sft_episodes
+from sidpt.metrics import MetricsLog, Timers, write_line_png
+from sidpt.model import SIZES, Transformer, build_model, load_checkpoint
+from sidpt.model.model import DTYPES, count_params
+from sidpt.model.tokenizer import Tokenizer
+from sidpt.rl import apply_correction, compute_advantages, mismatch_metrics
+from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
+from sidpt.rollout.multiturn import Job, episodes_to_batch, run_episodes
+from sidpt.trainer import OptimConfig, Trainer, sequence_logprobs
+
+
+def run(cfg: Config) -> dict[str, dict[str, float]]:
+    world = init_world()
+    torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get(
+        "LOCAL_WORLD_SIZE", world.world_size))))
+    plan = build_plan(world, cfg.run.placement, cfg.run.rollout_ranks)
+    if plan.placement != "colocated":
+        raise ConfigError("run.placement='disaggregated': the async pipeline is not built yet; use 'colocated'")
+    if cfg.rollout.prompts_per_step % world.world_size:
+        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the "
+                          f"{world.world_size} rollout ranks")
+    console = Console(quiet=not world.is_main)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if world.is_main:
+        save_config(cfg, run_dir / "config.toml")
+
+    # -- task, tokenizer, model ---------------------------------------------------------------
+    task = prepare_task(cfg.task.dir, cfg.task.n_entities, cfg.task.seed, world.is_main)
+    env_cfg = dataclasses.replace(cfg.env, corpus=cfg.env.corpus or str(task["corpus"]))
+    if world.is_main:
+        SearchEnv(env_cfg)  # builds the BM25 cache once, before the other ranks read it
+    if world.distributed:
+        torch.distributed.barrier()
+    env = SearchEnv(env_cfg)
+    train_q, heldout_q = load_questions(task["train"]), load_questions(task["heldout"])
+    dtype = DTYPES[cfg.model.dtype]
+    torch.manual_seed(cfg.run.seed)
+    if cfg.model.path:
+        tok = Tokenizer(cfg.model.path)
+        policy = load_checkpoint(cfg.model.path, dtype=dtype, device=world.device)
+    else:
+        if cfg.model.size not in SIZES:
+            raise ConfigError(f"model.size={cfg.model.size!r}: expected one of {list(SIZES)}")
+        tok = task_tokenizer(task, cfg.model.vocab_size or 1024, world.is_main)
+        args = dataclasses.replace(SIZES[cfg.model.size], vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+        policy = build_model(args, dtype=dtype, device=world.device, seed=cfg.run.seed)
+    args = policy.args
+    console.print(f"[bold]sidpt[/] {world.world_size} rank(s), {plan.placement}; model {args.family} "
+                  f"{count_params(policy) / 1e6:.2f}M params, vocab {args.vocab_size}; run dir {run_dir}")
+
+    with torch.device("meta"):
+        engine_model = Transformer(args)
+    engine_model = engine_model.to_empty(device=world.device).to(dtype)
+    trainer = Trainer(policy, OptimConfig(cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
+                                          cfg.train.grad_clip, cfg.train.micro_batch_tokens),
+                      mesh=plan.trainer_mesh, reference=cfg.algo.kl_coef > 0)
+    r = cfg.rollout
+    engine = Engine(engine_model, EngineConfig(block_size=r.block_size, kv_cache_mb=r.kv_cache_mb,
+                                               max_model_len=r.max_model_len, precision=r.precision,
+                                               max_seqs=max(64, r.prompts_per_step * r.group_size)),
+                    tokenizer=tok)
+    probe = tok.encode(format_prompt(heldout_q[0].question))
+    publish(trainer, engine, cfg.train.publish_bucket_mb, version=0)
+    encode = tok.encode
+    decode = tok.decode
+    eos = () if tok.eos_id is None else (tok.eos_id,)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main)
+    timers = Timers()
+    results = {}
+
+    # -- SFT warm-start -----------------------------------------------------------------------
+    if cfg.sft.steps:
+        sft_q = load_questions(task["sft"])[: cfg.sft.n_trajectories]
+        rows = [episode_tensors(ep, encode(format_prompt(ep.sample.question)), encode)
+                for ep in sft_episodes(env, sft_q)]
+        rows = [(ids + list(eos), m + [True] * len(eos)) for ids, m in rows]  # learn to stop
+        trainer.set_lr(cfg.sft.lr)
+        with _progress(console) as prog:
+            task_bar = prog.add_task("SFT warm-start", total=cfg.sft.steps, info="")
+            for step in range(cfg.sft.steps):
+                idx = step_indices(len(rows), cfg.sft.batch_size, cfg.run.seed, step, salt=1)
+                local = idx[world.rank:: world.world_size]
+                stats = trainer.sft_step(sft_batch([rows[i] for i in local], tok.pad_id or 0))
+                log.log(step, {"phase_sft": 1.0, **stats})
+                prog.update(task_bar, advance=1, info=f"loss {stats['sft/loss']:.3f}")
+        trainer.set_lr(cfg.train.lr)
+        publish(trainer, engine, cfg.train.publish_bucket_mb)
+    results["before"] = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], encode, decode, eos, cfg, world)
+    console.print(f"held-out before RL: {_fmt(results['before'])}")
+
+    # -- RL -----------------------------------------------------------------------------------
+    curve = []
+    with _progress(console) as prog:
+        bar = prog.add_task("GRPO", total=cfg.run.steps, info="")
+        for step in range(cfg.run.steps):
+            t0 = time.perf_counter()
+            with timers("rollout"):
+                groups = step_indices(len(train_q), r.prompts_per_step, cfg.run.seed, step)
+                params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                        max_new_tokens=r.max_new_tokens, stop_token_ids=eos)
+                jobs = [Job(g, j, train_q[q], encode(format_prompt(train_q[q].question)),
+                            episode_seed(cfg.run.seed, step, g, j))
+                        for g, q in enumerate(groups) if g % world.world_size == world.rank
+                        for j in range(r.group_size)]
+                episodes = run_episodes(engine, env, jobs, params, encode, decode)
+                batch = episodes_to_batch(episodes, FINISH_CODES, tok.pad_id or 0)
+            with timers("recompute"):
+                batch = trainer.recompute(batch)
+            mismatch = mismatch_metrics(batch[ROLLOUT_LOGPROBS], batch[OLD_LOGPROBS], batch[LOSS_MASK])
+            batch = compute_advantages(batch, cfg.algo.advantage, norm_std=cfg.algo.norm_std)
+            n_zero = 0
+            if cfg.algo.dynamic_sampling:  # DAPO: no loss on groups with equal rewards
+                keep = batch[ADVANTAGES].abs().sum(-1) > 0
+                n_zero = int((~keep).sum())
+                batch[LOSS_MASK] = batch[LOSS_MASK] & keep[:, None]
+            batch, _ = apply_correction(batch, cfg.algo.correction, cfg.algo.correction_form)
+            with timers("train"):
+                stats = trainer.rl_step(batch, agg=cfg.algo.agg, loss=cfg.algo.loss,
+                                        loss_kwargs=_loss_kwargs(cfg), kl_coef=cfg.algo.kl_coef,
+                                        entropy_coef=cfg.algo.entropy_coef, norm_len=r.max_new_tokens)
+            with timers("publish"):
+                publish(trainer, engine, cfg.train.publish_bucket_mb)
+                probe_err = probe_check(trainer, engine, probe)
+            ep_stats = _episode_stats(episodes, batch, world)
+            mm = dict(zip(mismatch, [v / world.world_size for v in
+                                     all_reduce_sum([float(v) for v in mismatch.values()], world.device)]))
+            gen_tokens = ep_stats["rollout/response_tokens"] * ep_stats["rollout/episodes"]
+            wall = time.perf_counter() - t0
+            row = {**ep_stats, **{f"mismatch/{k}": v for k, v in mm.items()}, **stats, **timers.pop(),
+                   "publish/probe_max_abs": probe_err, "rollout/zero_adv_seqs": n_zero,
+                   "perf/gen_tokens_per_s": gen_tokens / max(1e-9, wall), "time/step": wall,
+                   "policy_version": engine.policy_version}
+            log.log(step, row)
+            curve.append((step, row["reward/mean"]))
+            prog.update(bar, advance=1, info=f"reward {row['reward/mean']:.3f}  searches "
+                                             f"{row['env/n_searches']:.2f}  {wall:.1f}s/step")
+            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
+                ev = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], encode, decode, eos, cfg, world)
+                log.log(step, {f"eval/{k}": v for k, v in ev.items()})
+    results["after"] = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], encode, decode, eos, cfg, world)
+    if world.is_main:
+        _summary(console, results, run_dir, curve)
+    log.close()
+    shutdown()
+    return results
+
+
+def publish(trainer: Trainer, engine: Engine, bucket_mb: float, version: int | None = None) -> int:
+    """Trainer's full weights -> this rank's engine, bucket by bucket (colocated: a local copy
+    after the FSDP all-gather; no disk, no RPC)."""
+    return engine.update_weights(trainer.full_weights(bucket_mb), version=version)
+
+
+def probe_check(trainer: Trainer, engine: Engine, probe: list[int], n: int = 8) -> float:
+    """max |engine logprob - trainer logprob| over a greedy continuation of a fixed probe prompt."""
+    out = engine.generate([Request(("probe", engine.policy_version), probe,
+                                   SamplingParams(temperature=0.0, max_new_tokens=n))])[0]
+    with torch.no_grad():
+        lp, _ = sequence_logprobs(trainer.model, torch.tensor([out.tokens], device=engine.device))
+    gen = torch.tensor(out.generated)
+    return float((lp[0].cpu()[gen] - torch.tensor(out.logprobs)[gen]).abs().max())
+
+
+def evaluate(engine: Engine, env, questions, encode, decode, eos, cfg: Config, world: World) -> dict[str, float]:
+    """Greedy episodes on held-out questions (sharded over ranks): exact match, searches, length."""
+    mine = [(i, q) for i, q in enumerate(questions) if i % world.world_size == world.rank]
+    params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=eos)
+    jobs = [Job(i, 0, q, encode(format_prompt(q.question)), 0) for i, q in mine]
+    eps = run_episodes(engine, env, jobs, params, encode, decode) if jobs else []
+    sums = [sum(e.info.get("em", 0.0) for e in eps), sum(e.info.get("f1", 0.0) for e in eps),
+            sum(e.info.get("n_searches", 0) for e in eps), sum(sum(e.out.generated) for e in eps), len(eps)]
+    em, f1, searches, tokens, n = all_reduce_sum(sums, world.device)
+    n = max(n, 1)
+    return {"exact_match": 100 * em / n, "f1": 100 * f1 / n, "searches": searches / n,
+            "response_tokens": tokens / n, "questions": n}
+
+
+def _loss_kwargs(cfg: Config) -> dict:
+    if cfg.algo.loss in ("ppo", "gspo", "gspo_token", "cispo"):
+        return {"eps_low": cfg.algo.eps_low, "eps_high": cfg.algo.eps_high}
+    return {}
+
+
+def _episode_stats(episodes, batch, world: World) -> dict[str, float]:
+    n = len(episodes)
+    sums = [
+        float(batch[REWARD].sum()), sum(e.info.get("em", 0.0) for e in episodes),
+        sum(e.info.get("f1", 0.0) for e in episodes), sum(e.info.get("n_searches", 0) for e in episodes),
+        sum(e.info.get("n_errors", 0) for e in episodes), float(batch[LOSS_MASK].sum()),
+        float(batch[SEQ_LEN].sum()), sum(e.info.get("finish") == "answer" for e in episodes), n,
+    ]
+    reward, em, f1, searches, errors, resp, seqlen, answered, n = all_reduce_sum(sums, world.device)
+    n = max(n, 1)
+    return {"reward/mean": reward / n, "env/em": em / n, "env/f1": f1 / n, "env/n_searches": searches / n,
+            "env/n_errors": errors / n, "env/answered": answered / n, "rollout/response_tokens": resp / n,
+            "rollout/seq_len": seqlen / n, "rollout/episodes": n}
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)
+
+
+def _fmt(ev: dict[str, float]) -> str:
+    return (f"exact match {ev['exact_match']:.1f}%, {ev['searches']:.2f} searches/question, "
+            f"{ev['response_tokens']:.1f} response tokens ({int(ev['questions'])} questions)")
+
+
+def _summary(console: Console, results, run_dir: Path, curve) -> None:
+    table = Table(title="held-out search questions (greedy)")
+    for col in ("", "exact match %", "F1 %", "searches / question", "response tokens"):
+        table.add_column(col, justify="right")
+    for name in ("before", "after"):
+        ev = results[name]
+        table.add_row(f"{name} RL", f"{ev['exact_match']:.1f}", f"{ev['f1']:.1f}", f"{ev['searches']:.2f}",
+                      f"{ev['response_tokens']:.1f}")
+    console.print(table)
+    if curve:
+        write_line_png(run_dir / "reward_curve.png", {"reward": curve})
+    console.print(f"metrics: {run_dir / 'metrics.jsonl'}" + (f", curve: {run_dir / 'reward_curve.png'}" if curve else ""))

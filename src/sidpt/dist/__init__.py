@@ -1,0 +1,1 @@
+"""Distributed plumbing: the world (torchrun env), role meshes (Plan), weight publishing."""

@@ -1,0 +1,198 @@
+"""A search task that no model can solve from memory: questions about invented people.
+
+``make_search_task(out_dir, n_entities, seed)`` writes, deterministically for a seed:
+
+- ``corpus.jsonl``: one document per entity, ``{"id", "title", "text"}``. Names, cities and
+  employers are invented from random syllables (every invented word is unique in the task and
+  none is an English word of the templates); professions and colours come from fixed lists.
+  A document reads "Zorvath Kellimar was born in Quorbin in 1873. Zorvath Kellimar is an
+  astronomer at Vantrel Works. The favourite colour of Zorvath Kellimar is teal. Zorvath
+  Kellimar is a rival of Brisa Tolmec."
+- Distractors: entities come in pairs of **namesakes** sharing the first name, their surnames one
+  syllable apart ("Zorvath Kellimar" / "Zorvath Kellimor"); and every document names another
+  entity as a rival, so a search for a name also returns other people's documents with other
+  attributes. Retrieval and reading the right document both matter.
+- ``train.jsonl``, ``heldout.jsonl``, ``sft.jsonl``: one question per attribute (``ATTRIBUTES``)
+  per entity, ``{"id", "question", "answers", "entity", "attribute", "doc_id"}``. The entities are
+  split three ways, disjoint: **held-out questions are about entities that no train (or SFT)
+  question mentions** (about ``heldout_frac`` of them), SFT questions about another disjoint
+  ``sft_frac``. Every entity has a document, so all questions are answerable by one search with
+  the entity's name, and only from the corpus.
+- ``task.json``: the arguments and the counts.
+
+``sft_episodes`` builds the SFT warm-start data on the SFT entities: the ideal trajectory
+``<search>NAME</search>`` -> the real retriever's observation -> ``<answer>GOLD</answer>``. It
+teaches the tool format and copying an answer out of an observation, not the train or held-out
+answers (those entities never appear in it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from sidpt.env.base import Episode, Turn, run_episode
+from sidpt.env.search import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, Question, SearchEnv
+
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "tr")
+VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+CODAS = ("", "", "", "n", "r", "l", "s", "th", "x", "m")  # open syllables more often: shorter names
+PROFESSIONS = ("astronomer", "baker", "cartographer", "chemist", "composer", "engineer", "farmer", "glassblower",
+               "historian", "illustrator", "jeweller", "librarian", "mason", "navigator", "potter", "sculptor",
+               "tailor", "translator", "violinist", "weaver")
+COLOURS = ("amber", "azure", "crimson", "emerald", "gold", "indigo", "ivory", "lavender", "magenta", "ochre",
+           "olive", "scarlet", "silver", "teal", "violet")
+EMPLOYER_SUFFIXES = ("Works", "Guild", "Labs", "Foundry", "Company", "Trading", "Institute", "Press")
+# Template words an invented word must not collide with (it would pollute BM25 and the answers).
+TEMPLATE_WORDS = frozenset(
+    "what is the birthplace of where was born in year profession which company does work for who employer "
+    "favourite colour a an at rival and".split()
+    + [s.lower() for s in EMPLOYER_SUFFIXES] + list(PROFESSIONS) + list(COLOURS))
+
+ATTRIBUTES = ("birthplace", "birth_year", "profession", "employer", "colour", "rival")
+QUESTION_TEMPLATES = {
+    "birthplace": "What is the birthplace of {name}?",
+    "birth_year": "In what year was {name} born?",
+    "profession": "What is the profession of {name}?",
+    "employer": "Which company does {name} work for?",
+    "colour": "What is the favourite colour of {name}?",
+    "rival": "Who is the rival of {name}?",
+}
+
+
+class _Words:
+    """Invented words, unique across the task."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.used = rng, set(TEMPLATE_WORDS)
+
+    def syllable(self) -> str:
+        return self.rng.choice(ONSETS) + self.rng.choice(VOWELS) + self.rng.choice(CODAS)
+
+    def claim(self, sylls: list[str]) -> str | None:
+        w = "".join(sylls)
+        if w in self.used or len(w) < 4:
+            return None
+        self.used.add(w)
+        return w.capitalize()
+
+    def new(self, n_min: int = 2, n_max: int = 3) -> tuple[str, list[str]]:
+        while True:
+            sylls = [self.syllable() for _ in range(self.rng.randint(n_min, n_max))]
+            if (w := self.claim(sylls)) is not None:
+                return w, sylls
+
+    def variant(self, sylls: list[str]) -> str:
+        """A new word one syllable away from ``sylls`` (a near-namesake)."""
+        while True:
+            s = list(sylls)
+            s[self.rng.randrange(len(s))] = self.syllable()
+            if (w := self.claim(s)) is not None:
+                return w
+
+
+def make_entities(n_entities: int, seed: int) -> list[dict[str, Any]]:
+    """``n_entities`` invented people (in namesake pairs), their attributes, and a rival each."""
+    rng = random.Random(seed)
+    words = _Words(rng)
+    cities = [words.new(2, 2)[0] for _ in range(max(8, n_entities // 4))]
+    employers = [f"{words.new(2, 2)[0]} {rng.choice(EMPLOYER_SUFFIXES)}" for _ in range(max(8, n_entities // 4))]
+    names = []
+    while len(names) < n_entities:
+        first, _ = words.new(2, 2)
+        last, sylls = words.new(2, 3)
+        names.append(f"{first} {last}")
+        if len(names) < n_entities:
+            names.append(f"{first} {words.variant(sylls)}")
+    people = []
+    for i, name in enumerate(names):
+        people.append({
+            "doc_id": f"e{i:05d}", "name": name, "birthplace": rng.choice(cities),
+            "birth_year": str(rng.randint(1700, 1999)), "profession": rng.choice(PROFESSIONS),
+            "employer": rng.choice(employers), "colour": rng.choice(COLOURS),
+        })
+    for i, p in enumerate(people):  # a rival who is not a namesake (those sit at i ^ 1)
+        j = i
+        while len(people) > 2 and j in (i, i ^ 1):
+            j = rng.randrange(len(people))
+        p["rival"] = people[j if j != i else (i + 1) % len(people)]["name"]
+    return people
+
+
+def entity_document(p: dict[str, Any]) -> dict[str, str]:
+    name, prof = p["name"], p["profession"]
+    article = "an" if prof[0] in "aeiou" else "a"
+    text = (f"{name} was born in {p['birthplace']} in {p['birth_year']}. {name} is {article} {prof} at "
+            f"{p['employer']}. The favourite colour of {name} is {p['colour']}. {name} is a rival of {p['rival']}.")
+    return {"id": p["doc_id"], "title": name, "text": text}
+
+
+def entity_questions(p: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for attr in ATTRIBUTES:
+        answers = [p[attr]]
+        if attr == "employer":  # "Vantrel Works" or just "Vantrel"
+            answers.append(p[attr].split()[0])
+        rows.append({"id": f"{p['doc_id']}-{attr}", "question": QUESTION_TEMPLATES[attr].format(name=p["name"]),
+                     "answers": answers, "entity": p["name"], "attribute": attr, "doc_id": p["doc_id"]})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0, heldout_frac: float = 0.2,
+                     sft_frac: float = 0.1) -> dict[str, Path]:
+    """Write the task files (see the module docstring) into ``out_dir``; returns their paths by name."""
+    if n_entities < 3:
+        raise ValueError(f"n_entities={n_entities}: need at least 3 (one per split)")
+    if not (0 < heldout_frac and 0 < sft_frac and heldout_frac + sft_frac < 1):
+        raise ValueError(f"heldout_frac={heldout_frac}, sft_frac={sft_frac}: need both > 0 and a sum < 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    people = make_entities(n_entities, seed)
+    order = list(range(n_entities))
+    random.Random(seed + 1).shuffle(order)
+    n_held = max(1, round(heldout_frac * n_entities))
+    n_sft = max(1, round(sft_frac * n_entities))
+    split = {"heldout": order[:n_held], "sft": order[n_held: n_held + n_sft], "train": order[n_held + n_sft:]}
+    paths = {name: out / f"{name}.jsonl" for name in ("corpus", "train", "heldout", "sft")}
+    _write_jsonl(paths["corpus"], [entity_document(p) for p in people])
+    for name, idx in split.items():
+        _write_jsonl(paths[name], [row for i in sorted(idx) for row in entity_questions(people[i])])
+    meta = {"n_entities": n_entities, "seed": seed, "heldout_frac": heldout_frac, "sft_frac": sft_frac,
+            "attributes": list(ATTRIBUTES), **{f"n_{k}_entities": len(v) for k, v in split.items()}}
+    paths["task"] = out / "task.json"
+    paths["task"].write_text(json.dumps(meta, indent=1) + "\n")
+    return paths
+
+
+def ideal_policy(q: Question):
+    """The scripted policy of the ideal trajectory: search the entity's name, then give the first gold answer."""
+    query = q.meta.get("entity", q.question)
+
+    def policy(turns: list[Turn]) -> str:
+        return f"{SEARCH_OPEN}{query}{SEARCH_CLOSE}" if not turns else f"{ANSWER_OPEN}{q.answers[0]}{ANSWER_CLOSE}"
+
+    return policy
+
+
+def sft_episodes(env: SearchEnv, questions: list[Question]) -> list[Episode]:
+    """Ideal trajectories for SFT warm-start: search the name, answer from the observation.
+
+    Run through ``env`` itself, so the observations are exactly what RL will show. Kept only where
+    the answer is in the observation text (the answer was copyable) and the episode scores 1:
+    the data must never teach answering something the observation does not say."""
+    out = []
+    for q in questions:
+        ep = run_episode(env, q, ideal_policy(q))
+        obs = "".join(t.text for t in ep.turns if not t.generated)
+        if ep.reward == 1.0 and ep.info["n_searches"] == 1 and q.answers[0] in obs:
+            out.append(ep)
+    return out

@@ -1,0 +1,110 @@
+"""Metrics: per-step JSONL (TensorBoard too when installed), phase timers, a PNG line plot.
+
+The PNG writer is a few lines of zlib: the reward curve of a CPU demo does not justify a plotting
+dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Timers:
+    """Wall time per phase of the current step: ``with timers("rollout"): ...``."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = {f"time/{k}": v for k, v in self.times.items()}, {}
+        return out
+
+
+class MetricsLog:
+    """Appends one JSON object per step to ``path`` (flushed each line); mirrors to TensorBoard."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        self.rows: list[dict] = []
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.path.parent / "tb"))
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in values.items()}}
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def write_line_png(path: str | Path, series: dict[str, list[tuple[float, float]]], width: int = 640,
+                   height: int = 360) -> None:
+    """A line chart of ``{name: [(x, y), ...]}`` (up to 4 series) as an RGB PNG, axes from the data."""
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    img = [[(255, 255, 255)] * width for _ in range(height)]
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        raise ValueError("nothing to plot")
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(min(p[1] for p in pts), 0.0), max(max(p[1] for p in pts), 1e-9)
+    pad = 30
+
+    def px(x, y):
+        fx = (x - x0) / (x1 - x0) if x1 > x0 else 0.5
+        fy = (y - y0) / (y1 - y0) if y1 > y0 else 0.5
+        return pad + round(fx * (width - 2 * pad)), height - pad - round(fy * (height - 2 * pad))
+
+    for x in range(pad, width - pad):  # axes
+        img[height - pad][x] = (0, 0, 0)
+    for y in range(pad, height - pad + 1):
+        img[y][pad] = (0, 0, 0)
+    for i, pts_ in enumerate(series.values()):
+        c = colors[i % len(colors)]
+        for (xa, ya), (xb, yb) in zip(pts_, pts_[1:]):
+            (ax, ay), (bx, by) = px(xa, ya), px(xb, yb)
+            n = max(abs(bx - ax), abs(by - ay), 1)
+            for k in range(n + 1):
+                x, y = ax + (bx - ax) * k // n, ay + (by - ay) * k // n
+                for dy in (0, 1):
+                    if 0 <= y + dy < height:
+                        img[y + dy][x] = c
+    raw = b"".join(b"\x00" + bytes(v for px_ in row for v in px_) for row in img)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    Path(path).write_bytes(png)

@@ -1,0 +1,170 @@
+"""The trainer role: FSDP2 policy, log-prob recompute, RL and SFT updates, full-weight buckets.
+
+The policy is sharded with ``fully_shard`` over the trainer mesh (per block, then the root); a
+single process trains the plain module. Every update splits the local batch into micro-batches
+under a token budget (along trajectories, padding trimmed per micro-batch) and sums their loss
+contributions, which ``sidpt.rl.losses`` normalises by global counts, so the step does not depend
+on the micro-batch split or the number of ranks. FSDP2 averages gradients over the mesh, so the
+summed loss is scaled by the data-parallel size. All ranks run the same number of micro-batches
+(collectives inside forward/backward); a rank with fewer runs empty ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from sidpt.batch import LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, SEQ_LEN, TOKENS
+from sidpt.dist.world import all_reduce_max, all_reduce_sum
+from sidpt.model.model import Transformer, token_logprobs
+from sidpt.rl import TRAIN_MASK, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    micro_batch_tokens: int
+
+
+def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False):
+    """lp [n, T] with lp[:, t] = log p(tokens[:, t] | tokens[:, :t]) (0 at t = 0), float32; and the
+    entropy [n, T] of the same next-token distributions when asked."""
+    logits = model(tokens)[:, :-1]  # [n, T-1, V]
+    lp = F.pad(token_logprobs(logits, tokens[:, 1:]), (1, 0))  # [n, T]
+    ent = F.pad(entropy_from_logits(logits.float()), (1, 0)) if entropy else None
+    return lp, ent
+
+
+def micro_batches(batch: TensorDict, max_tokens: int) -> list[TensorDict]:
+    """Consecutive trajectories whose padded size (rows x longest) stays under ``max_tokens``;
+    each micro-batch is trimmed to its own longest trajectory."""
+    def trim(td: TensorDict, T: int) -> TensorDict:  # per-token tensors [n, T_full] -> [n, T]
+        return td.apply(lambda x: x[:, :T] if x.dim() >= 2 else x)
+
+    lens = batch[SEQ_LEN].tolist()
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lens):
+        if i > start and max(longest, n) * (i - start + 1) > max_tokens:
+            out.append(trim(batch[start:i], longest))
+            start, longest = i, 0
+        longest = max(longest, n)
+    out.append(trim(batch[start:], longest))
+    return out
+
+
+class Trainer:
+    def __init__(self, model: Transformer, optim: OptimConfig, mesh=None, reference: bool = False):
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
+        self.dp = mesh.size() if mesh is not None else 1
+        if mesh is not None and self.dp > 1:
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        self.model = model
+        self.cfg = optim
+        self.device = next(model.parameters()).device
+        self.opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
+                                     weight_decay=optim.weight_decay, eps=1e-8)
+
+    def _aligned(self, mbs: list[TensorDict]) -> list[TensorDict]:
+        """Pad the micro-batch list with loss-free copies so every rank runs the same count."""
+        n = all_reduce_max(len(mbs), self.device)
+        for _ in range(n - len(mbs)):
+            empty = mbs[0][:1].clone()
+            empty[LOSS_MASK] = torch.zeros_like(empty[LOSS_MASK])
+            if TRAIN_MASK in empty.keys():
+                empty[TRAIN_MASK] = torch.zeros_like(empty[TRAIN_MASK])
+            mbs.append(empty)
+        return mbs
+
+    @torch.no_grad()
+    def recompute(self, batch: TensorDict) -> TensorDict:
+        """OLD_LOGPROBS (and REF_LOGPROBS with a reference model) for every token of ``batch``."""
+        T = batch[TOKENS].shape[1]
+        olds, refs = [], []
+        for mb in self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens)):
+            lp, _ = sequence_logprobs(self.model, mb[TOKENS])
+            olds.append(F.pad(lp, (0, T - lp.shape[1])))
+            if self.reference is not None:
+                rlp, _ = sequence_logprobs(self.reference, mb[TOKENS])
+                refs.append(F.pad(rlp, (0, T - rlp.shape[1])))
+        n = batch.batch_size[0]
+        out = batch.copy()
+        out[OLD_LOGPROBS] = torch.cat(olds)[:n]
+        if refs:
+            out[REF_LOGPROBS] = torch.cat(refs)[:n]
+        return out
+
+    def rl_step(self, batch: TensorDict, *, agg: str, loss: str, loss_kwargs: dict, kl_coef: float,
+                entropy_coef: float, norm_len: float | None = None) -> dict[str, float]:
+        """One optimiser step of the policy loss over the local batch (all ranks together)."""
+        norm = all_reduce_norm(loss_norm(batch[TRAIN_MASK], agg, norm_len), device=self.device)
+        mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for mb in mbs:
+            lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True)
+            total, m = micro_batch_loss(lp, mb, norm, loss=loss, loss_kwargs=loss_kwargs, kl_coef=kl_coef,
+                                        entropy=ent if entropy_coef > 0 else ent.detach(),
+                                        entropy_coef=entropy_coef)
+            (total * self.dp).backward()
+            m["loss/total"] = total.detach()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        stats = self._optimizer_step()
+        keys = sorted(sums)
+        stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device)))
+        stats["train/tokens"] = norm.num_tokens
+        stats["train/micro_batches"] = len(mbs)
+        return stats
+
+    def sft_step(self, batch: TensorDict) -> dict[str, float]:
+        """Cross-entropy on the LOSS_MASK tokens, mean over all ranks' loss tokens."""
+        norm = all_reduce_norm(loss_norm(batch[LOSS_MASK], "token-mean"), device=self.device)
+        mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in mbs:
+            lp, _ = sequence_logprobs(self.model, mb[TOKENS])
+            loss = -torch.where(mb[LOSS_MASK], lp, 0.0).sum() / max(norm.num_tokens, 1.0)
+            (loss * self.dp).backward()
+            total += float(loss.detach())
+        stats = self._optimizer_step()
+        stats["sft/loss"] = all_reduce_sum([total], self.device)[0]
+        return stats
+
+    def _optimizer_step(self) -> dict[str, float]:
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if isinstance(gn, DTensor):
+            gn = gn.full_tensor()
+        self.opt.step()
+        return {"train/grad_norm": float(gn)}
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    @torch.no_grad()
+    def full_weights(self, bucket_mb: float = 64.0) -> Iterator[dict[str, torch.Tensor]]:
+        """Full (unsharded) parameters in buckets of about ``bucket_mb``; collective on the trainer
+        mesh (every trainer rank must iterate to the end)."""
+        bucket, size = {}, 0
+        for name, p in self.model.named_parameters():
+            t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+            bucket[name] = t
+            size += t.numel() * t.element_size()
+            if size >= bucket_mb * 2**20:
+                yield bucket
+                bucket, size = {}, 0
+        if bucket:
+            yield bucket
