@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output directory (created if missing)")
     ap.add_argument("--n-entities", type=int, default=1000, help="invented people, one document each")
     ap.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    ap.add_argument("--heldout-frac", type=float, default=0.2, help="share of entities asked about in heldout.jsonl")
-    ap.add_argument("--sft-frac", type=float, default=0.1, help="share of entities asked about in sft.jsonl")
+    ap.add_argument("--heldout-frac", type=float, default=0.2, help="share of entities for heldout.jsonl")
+    ap.add_argument("--sft-frac", type=float, default=0.1, help="share of entities for sft.jsonl")
     args = ap.parse_args(argv)
     try:
         paths = make_search_task(args.out, args.n_entities, args.seed, args.heldout_frac, args.sft_frac)

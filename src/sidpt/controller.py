@@ -164,7 +164,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 publish(trainer, engine, cfg.train.publish_bucket_mb)
                 probe_err = probe_check(trainer, engine, probe)
             ep_stats = _episode_stats(episodes, batch, world)
-            mm = dict(zip(mismatch, [v / world.world_size for v in
+            mm = dict(zip([k.removeprefix("mismatch/") for k in mismatch], [v / world.world_size for v in
                                      all_reduce_sum([float(v) for v in mismatch.values()], world.device)]))
             gen_tokens = ep_stats["rollout/response_tokens"] * ep_stats["rollout/episodes"]
             wall = time.perf_counter() - t0

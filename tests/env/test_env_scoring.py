@@ -31,7 +31,8 @@ def test_token_f1():
     assert token_f1("The big red apple", ["red apple pie"]) == pytest.approx(2 / 3, abs=1e-15)
     # bags: x x y vs x y y share min counts x:1 y:1 -> 2 of 3 each side
     assert token_f1("x x y", ["x y y"]) == pytest.approx(2 / 3, abs=1e-15)
-    # pred {vantrel, guild}: vs "vantrel works" P = R = 1/2 -> 1/2; vs "vantrel" P = 1/2, R = 1 -> 2/3; best 2/3
+    # pred {vantrel, guild}: vs "vantrel works" P = R = 1/2 -> 1/2; vs "vantrel" P = 1/2, R = 1 -> 2/3;
+    # the best is 2/3
     assert token_f1("Vantrel Guild", ["Vantrel Works", "Vantrel"]) == pytest.approx(2 / 3, abs=1e-15)
     # pred 1 token, gold 4 tokens, 1 shared: P = 1, R = 1/4 -> 2 * 1/4 / (5/4) = 2/5
     assert token_f1("Quorbin", ["city of north quorbin"]) == pytest.approx(2 / 5, abs=1e-15)

@@ -43,10 +43,10 @@ from sidpt.env.search import (
 from sidpt.env.task import ATTRIBUTES, make_search_task, sft_episodes
 
 __all__ = [
-    "ANSWER_CLOSE", "ANSWER_OPEN", "ATTRIBUTES", "BM25", "ERROR_KINDS", "FINISH_CODES", "INFO_CLOSE", "INFO_OPEN",
-    "INSTRUCTION", "SEARCH_CLOSE", "SEARCH_OPEN", "STOP_STRINGS", "Action", "CorpusError", "DataError", "Doc",
-    "Env", "EnvState", "Episode", "Question", "SearchEnv", "SearchEnvConfig", "StepResult", "Turn", "as_question",
-    "encode_turns", "exact_match", "format_prompt", "load_bm25", "load_corpus", "load_questions",
-    "make_search_task", "normalize_answer", "parse_action", "prompt_messages", "run_episode", "sft_episodes",
-    "token_f1", "tokenize",
+    "ANSWER_CLOSE", "ANSWER_OPEN", "ATTRIBUTES", "BM25", "ERROR_KINDS", "FINISH_CODES", "INFO_CLOSE",
+    "INFO_OPEN", "INSTRUCTION", "SEARCH_CLOSE", "SEARCH_OPEN", "STOP_STRINGS", "Action", "CorpusError",
+    "DataError", "Doc", "Env", "EnvState", "Episode", "Question", "SearchEnv", "SearchEnvConfig",
+    "StepResult", "Turn", "as_question", "encode_turns", "exact_match", "format_prompt", "load_bm25",
+    "load_corpus", "load_questions", "make_search_task", "normalize_answer", "parse_action",
+    "prompt_messages", "run_episode", "sft_episodes", "token_f1", "tokenize",
 ]

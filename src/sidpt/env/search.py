@@ -19,8 +19,9 @@ closing tag):
   and finish ``tool_limit`` (as Search-R1, whose last round does not execute searches); an answer
   is always accepted. So an episode takes at most ``max_turns + 1`` model turns.
 
-Errors are counted per kind in ``info`` (``err_<kind>``, see ``ERROR_KINDS``) and in total
-(``n_errors``); a turn may carry more than one.
+Observations are text; the controller tokenizes them and masks them out of the loss (see
+``sidpt.env.base``). Errors are counted per kind in ``info`` (``err_<kind>``, see ``ERROR_KINDS``)
+and in total (``n_errors``); a turn may carry more than one.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
 STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
 
-_CLOSE_RE = re.compile(r"</(search|answer)>")
-_OPEN_RE = re.compile(r"<(search|answer)>")
-_ANY_TAG_RE = re.compile(r"</?(?:search|answer|information)>")
+_TAG_RE = re.compile(r"<(/?)(search|answer|information)>")
+_MAX_INFO_ANSWER = 256  # characters of the answer kept in info (for logs); scoring sees all of it
 
 ERROR_KINDS = (
     "unclosed",  # an opening tag and no complete action
@@ -100,7 +100,8 @@ def _answers(row: dict) -> Any:
     for key in ("answers", "golden_answers"):
         if key in row:
             return row[key]
-    gt = row.get("reward_model", {}).get("ground_truth") if isinstance(row.get("reward_model"), dict) else None
+    rm = row.get("reward_model")
+    gt = rm.get("ground_truth") if isinstance(rm, dict) else None
     if isinstance(gt, dict):
         return gt.get("target")
     return gt
@@ -116,7 +117,8 @@ def as_question(row: Any, where: str = "<row>", default_id: str = "") -> Questio
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     q = _question_text(row)
     if not isinstance(q, str) or not q.strip():
-        raise DataError(f"{where}: no question (expected a non-empty string 'question' or Search-R1 'prompt')")
+        raise DataError(f"{where}: no question (expected a non-empty string 'question', or Search-R1's "
+                        f"'prompt')")
     ans = _answers(row)
     if isinstance(ans, (str, int, float)) and not isinstance(ans, bool):
         ans = [ans]
@@ -171,23 +173,24 @@ class Action:
 
 
 def parse_action(text: str) -> Action:
-    """The first complete action of a model turn (rules in the module docstring)."""
-    n_tags = len(_ANY_TAG_RE.findall(text))
-    for m in _CLOSE_RE.finditer(text):
-        kind = m.group(1)
-        opening = f"<{kind}>"
-        start = text.rfind(opening, 0, m.start())
-        if start < 0:
+    """The first complete action of a model turn (rules in the module docstring); one pass over the tags."""
+    tags = list(_TAG_RE.finditer(text))
+    extra = ("extra_tags",) if len(tags) > 2 else ()
+    content_start: dict[str, int] = {}  # action name -> end of its latest opening tag
+    for m in tags:
+        closing, name = m.group(1) == "/", m.group(2)
+        if name == "information":
             continue
-        raw = text[start + len(opening): m.start()]
-        content = " ".join(_ANY_TAG_RE.sub(" ", raw).split())
-        errors = ("extra_tags",) if n_tags > 2 else ()
-        return Action(kind, content, errors)
-    if _OPEN_RE.search(text):
+        if not closing:
+            content_start[name] = m.end()
+        elif name in content_start:
+            raw = text[content_start[name]: m.start()]
+            return Action(name, " ".join(_TAG_RE.sub(" ", raw).split()), extra)
+    if content_start:
         return Action("invalid", "", ("unclosed",))
-    if _CLOSE_RE.search(text):
+    if any(m.group(2) != "information" for m in tags):
         return Action("invalid", "", ("unopened",))
-    return Action("none", "", ("extra_tags",) if n_tags else ())
+    return Action("none", "", ("extra_tags",) if tags else ())
 
 
 def format_docs(hits: list[tuple[Doc, float]], max_doc_chars: int = 0) -> str:
@@ -200,6 +203,7 @@ def format_docs(hits: list[tuple[Doc, float]], max_doc_chars: int = 0) -> str:
 
 
 def wrap_observation(body: str) -> str:
+    """Search-R1's framing: blank lines around ``<information>`` so the model's next turn starts fresh."""
     return f"\n\n{INFO_OPEN}{body.strip()}{INFO_CLOSE}\n\n"
 
 
@@ -278,7 +282,7 @@ class SearchEnv:
             q: Question = state.sample
             if not act.content:
                 errors.append("empty")
-            info["answer"] = act.content
+            info["answer"] = act.content[:_MAX_INFO_ANSWER]
             info["em"] = exact_match(act.content, q.answers)
             info["f1"] = token_f1(act.content, q.answers)
             return self._finish(state, errors, "answer", info[self.cfg.reward])

@@ -20,10 +20,16 @@
   the entity's name, and only from the corpus.
 - ``task.json``: the arguments and the counts.
 
+Attribute values come from shared pools (about ``n_entities / 4`` cities and employers, 20
+professions, 15 colours, 300 years), so a model that never searches can still guess the most
+common value. ``task.json`` records that floor: ``heldout_guess_em``, the held-out exact match of
+answering every question with the most frequent train answer of its attribute (a few percent).
+
 ``sft_episodes`` builds the SFT warm-start data on the SFT entities: the ideal trajectory
 ``<search>NAME</search>`` -> the real retriever's observation -> ``<answer>GOLD</answer>``. It
 teaches the tool format and copying an answer out of an observation, not the train or held-out
-answers (those entities never appear in it).
+answers: no SFT model turn asks about or answers for those entities (they may show up in an
+observation as a distractor document, which carries no loss).
 """
 
 from __future__ import annotations
@@ -31,21 +37,23 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from sidpt.env.base import Episode, Turn, run_episode
 from sidpt.env.search import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, Question, SearchEnv
 
-ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "tr")
+ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+          "br", "dr", "kr", "st", "th", "tr")
 VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 CODAS = ("", "", "", "n", "r", "l", "s", "th", "x", "m")  # open syllables more often: shorter names
-PROFESSIONS = ("astronomer", "baker", "cartographer", "chemist", "composer", "engineer", "farmer", "glassblower",
-               "historian", "illustrator", "jeweller", "librarian", "mason", "navigator", "potter", "sculptor",
-               "tailor", "translator", "violinist", "weaver")
+PROFESSIONS = ("astronomer", "baker", "cartographer", "chemist", "composer", "engineer", "farmer",
+               "glassblower", "historian", "illustrator", "jeweller", "librarian", "mason", "navigator",
+               "potter", "sculptor", "tailor", "translator", "violinist", "weaver")
 COLOURS = ("amber", "azure", "crimson", "emerald", "gold", "indigo", "ivory", "lavender", "magenta", "ochre",
            "olive", "scarlet", "silver", "teal", "violet")
-EMPLOYER_SUFFIXES = ("Works", "Guild", "Labs", "Foundry", "Company", "Trading", "Institute", "Press")
+EMPLOYER_SUFFIXES = ("Works", "Guild", "Labs", "Foundry", "Holdings", "Trading", "Institute", "Press")
 # Template words an invented word must not collide with (it would pollute BM25 and the answers).
 TEMPLATE_WORDS = frozenset(
     "what is the birthplace of where was born in year profession which company does work for who employer "
@@ -98,8 +106,9 @@ def make_entities(n_entities: int, seed: int) -> list[dict[str, Any]]:
     """``n_entities`` invented people (in namesake pairs), their attributes, and a rival each."""
     rng = random.Random(seed)
     words = _Words(rng)
-    cities = [words.new(2, 2)[0] for _ in range(max(8, n_entities // 4))]
-    employers = [f"{words.new(2, 2)[0]} {rng.choice(EMPLOYER_SUFFIXES)}" for _ in range(max(8, n_entities // 4))]
+    n_places = max(8, n_entities // 4)
+    cities = [words.new(2, 2)[0] for _ in range(n_places)]
+    employers = [f"{words.new(2, 2)[0]} {rng.choice(EMPLOYER_SUFFIXES)}" for _ in range(n_places)]
     names = []
     while len(names) < n_entities:
         first, _ = words.new(2, 2)
@@ -126,7 +135,8 @@ def entity_document(p: dict[str, Any]) -> dict[str, str]:
     name, prof = p["name"], p["profession"]
     article = "an" if prof[0] in "aeiou" else "a"
     text = (f"{name} was born in {p['birthplace']} in {p['birth_year']}. {name} is {article} {prof} at "
-            f"{p['employer']}. The favourite colour of {name} is {p['colour']}. {name} is a rival of {p['rival']}.")
+            f"{p['employer']}. The favourite colour of {name} is {p['colour']}. "
+            f"{name} is a rival of {p['rival']}.")
     return {"id": p["doc_id"], "title": name, "text": text}
 
 
@@ -136,9 +146,21 @@ def entity_questions(p: dict[str, Any]) -> list[dict[str, Any]]:
         answers = [p[attr]]
         if attr == "employer":  # "Vantrel Works" or just "Vantrel"
             answers.append(p[attr].split()[0])
-        rows.append({"id": f"{p['doc_id']}-{attr}", "question": QUESTION_TEMPLATES[attr].format(name=p["name"]),
-                     "answers": answers, "entity": p["name"], "attribute": attr, "doc_id": p["doc_id"]})
+        question = QUESTION_TEMPLATES[attr].format(name=p["name"])
+        rows.append({"id": f"{p['doc_id']}-{attr}", "question": question, "answers": answers,
+                     "entity": p["name"], "attribute": attr, "doc_id": p["doc_id"]})
     return rows
+
+
+def guess_baseline(train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> float:
+    """Held-out exact match of a model that never searches and answers each question with the most
+    frequent train value of its attribute: the floor that searching has to beat."""
+    hits = 0
+    for attr in ATTRIBUTES:
+        counts = Counter(p[attr] for p in train)
+        guess = max(sorted(counts), key=counts.__getitem__)  # sorted: ties break the same way every run
+        hits += sum(p[attr] == guess for p in heldout)
+    return round(hits / (len(ATTRIBUTES) * len(heldout)), 6)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -167,18 +189,22 @@ def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0,
     for name, idx in split.items():
         _write_jsonl(paths[name], [row for i in sorted(idx) for row in entity_questions(people[i])])
     meta = {"n_entities": n_entities, "seed": seed, "heldout_frac": heldout_frac, "sft_frac": sft_frac,
-            "attributes": list(ATTRIBUTES), **{f"n_{k}_entities": len(v) for k, v in split.items()}}
+            "attributes": list(ATTRIBUTES), **{f"n_{k}_entities": len(v) for k, v in split.items()},
+            "heldout_guess_em": guess_baseline([people[i] for i in split["train"]],
+                                               [people[i] for i in split["heldout"]])}
     paths["task"] = out / "task.json"
     paths["task"].write_text(json.dumps(meta, indent=1) + "\n")
     return paths
 
 
 def ideal_policy(q: Question):
-    """The scripted policy of the ideal trajectory: search the entity's name, then give the first gold answer."""
+    """The ideal trajectory's scripted policy: search the entity's name, then give the first gold answer."""
     query = q.meta.get("entity", q.question)
 
     def policy(turns: list[Turn]) -> str:
-        return f"{SEARCH_OPEN}{query}{SEARCH_CLOSE}" if not turns else f"{ANSWER_OPEN}{q.answers[0]}{ANSWER_CLOSE}"
+        if not turns:
+            return f"{SEARCH_OPEN}{query}{SEARCH_CLOSE}"
+        return f"{ANSWER_OPEN}{q.answers[0]}{ANSWER_CLOSE}"
 
     return policy
 
