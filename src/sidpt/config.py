@@ -52,6 +52,9 @@ class RunConfig:
     """Evaluate on held-out questions every this many RL steps (0: only before and after)."""
     threads: int = 0
     """torch threads per rank (0: the cores divided among the ranks on this node)."""
+    verify_publish: bool = False
+    """After each weight publish, compare the engine's weights with the trainer's full weights
+    (logged as publish/weights_max_abs; 0 means bitwise equal). Costs one extra all-gather."""
 
 
 @dataclass
@@ -77,6 +80,8 @@ class TaskConfig:
     """Seed of the generated task (independent of run.seed)."""
     eval_questions: int = 200
     """Held-out questions per evaluation (greedy)."""
+    prompt: str = ""
+    """Prompt template with ``{question}`` (empty: the environment's full tool instruction)."""
 
 
 @dataclass

@@ -101,7 +101,10 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                                                max_model_len=r.max_model_len, precision=r.precision,
                                                max_seqs=max(64, r.prompts_per_step * r.group_size)),
                     tokenizer=tok)
-    probe = tok.encode(format_prompt(heldout_q[0].question))
+    def prompt(question: str) -> str:
+        return format_prompt(question, cfg.task.prompt) if cfg.task.prompt else format_prompt(question)
+
+    probe = tok.encode(prompt(heldout_q[0].question))
     publish(trainer, engine, cfg.train.publish_bucket_mb, version=0)
     encode = tok.encode
     decode = tok.decode
@@ -113,7 +116,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     # -- SFT warm-start -----------------------------------------------------------------------
     if cfg.sft.steps:
         sft_q = load_questions(task["sft"])[: cfg.sft.n_trajectories]
-        rows = [episode_tensors(ep, encode(format_prompt(ep.sample.question)), encode)
+        rows = [episode_tensors(ep, encode(prompt(ep.sample.question)), encode)
                 for ep in sft_episodes(env, sft_q)]
         rows = [(ids + list(eos), m + [True] * len(eos)) for ids, m in rows]  # learn to stop
         trainer.set_lr(cfg.sft.lr)
@@ -127,7 +130,10 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 prog.update(task_bar, advance=1, info=f"loss {stats['sft/loss']:.3f}")
         trainer.set_lr(cfg.train.lr)
         publish(trainer, engine, cfg.train.publish_bucket_mb)
-    results["before"] = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], encode, decode, eos, cfg, world)
+    def evaluate_heldout() -> dict[str, float]:
+        return evaluate(engine, env, heldout_q[: cfg.task.eval_questions], prompt, encode, decode, eos, cfg, world)
+
+    results["before"] = evaluate_heldout()
     console.print(f"held-out before RL: {_fmt(results['before'])}")
 
     # -- RL -----------------------------------------------------------------------------------
@@ -140,7 +146,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 groups = step_indices(len(train_q), r.prompts_per_step, cfg.run.seed, step)
                 params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                         max_new_tokens=r.max_new_tokens, stop_token_ids=eos)
-                jobs = [Job(g, j, train_q[q], encode(format_prompt(train_q[q].question)),
+                jobs = [Job(g, j, train_q[q], encode(prompt(train_q[q].question)),
                             episode_seed(cfg.run.seed, step, g, j))
                         for g, q in enumerate(groups) if g % world.world_size == world.rank
                         for j in range(r.group_size)]
@@ -163,6 +169,10 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             with timers("publish"):
                 publish(trainer, engine, cfg.train.publish_bucket_mb)
                 probe_err = probe_check(trainer, engine, probe)
+                if cfg.run.verify_publish:
+                    timers_extra = {"publish/weights_max_abs": published_weights_diff(trainer, engine, world)}
+                else:
+                    timers_extra = {}
             ep_stats = _episode_stats(episodes, batch, world)
             mm = dict(zip([k.removeprefix("mismatch/") for k in mismatch], [v / world.world_size for v in
                                      all_reduce_sum([float(v) for v in mismatch.values()], world.device)]))
@@ -171,15 +181,15 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             row = {**ep_stats, **{f"mismatch/{k}": v for k, v in mm.items()}, **stats, **timers.pop(),
                    "publish/probe_max_abs": probe_err, "rollout/zero_adv_seqs": n_zero,
                    "perf/gen_tokens_per_s": gen_tokens / max(1e-9, wall), "time/step": wall,
-                   "policy_version": engine.policy_version}
+                   "policy_version": engine.policy_version, **timers_extra}
             log.log(step, row)
             curve.append((step, row["reward/mean"]))
             prog.update(bar, advance=1, info=f"reward {row['reward/mean']:.3f}  searches "
                                              f"{row['env/n_searches']:.2f}  {wall:.1f}s/step")
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
-                ev = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], encode, decode, eos, cfg, world)
+                ev = evaluate_heldout()
                 log.log(step, {f"eval/{k}": v for k, v in ev.items()})
-    results["after"] = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], encode, decode, eos, cfg, world)
+    results["after"] = evaluate_heldout()
     if world.is_main:
         _summary(console, results, run_dir, curve)
     log.close()
@@ -193,6 +203,20 @@ def publish(trainer: Trainer, engine: Engine, bucket_mb: float, version: int | N
     return engine.update_weights(trainer.full_weights(bucket_mb), version=version)
 
 
+def published_weights_diff(trainer: Trainer, engine: Engine, world: World) -> float:
+    """max |engine weight - trainer full weight| over all parameters and ranks."""
+    params = dict(engine.model.named_parameters())
+    worst = 0.0
+    for bucket in trainer.full_weights():
+        for name, t in bucket.items():
+            worst = max(worst, float((params[name] - t).abs().max()))
+    if world.distributed:
+        w = torch.tensor([worst], dtype=torch.float64, device=world.device)
+        torch.distributed.all_reduce(w, op=torch.distributed.ReduceOp.MAX)
+        worst = float(w)
+    return worst
+
+
 def probe_check(trainer: Trainer, engine: Engine, probe: list[int], n: int = 8) -> float:
     """max |engine logprob - trainer logprob| over a greedy continuation of a fixed probe prompt."""
     out = engine.generate([Request(("probe", engine.policy_version), probe,
@@ -203,11 +227,12 @@ def probe_check(trainer: Trainer, engine: Engine, probe: list[int], n: int = 8) 
     return float((lp[0].cpu()[gen] - torch.tensor(out.logprobs)[gen]).abs().max())
 
 
-def evaluate(engine: Engine, env, questions, encode, decode, eos, cfg: Config, world: World) -> dict[str, float]:
+def evaluate(engine: Engine, env, questions, prompt, encode, decode, eos, cfg: Config,
+             world: World) -> dict[str, float]:
     """Greedy episodes on held-out questions (sharded over ranks): exact match, searches, length."""
     mine = [(i, q) for i, q in enumerate(questions) if i % world.world_size == world.rank]
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=eos)
-    jobs = [Job(i, 0, q, encode(format_prompt(q.question)), 0) for i, q in mine]
+    jobs = [Job(i, 0, q, encode(prompt(q.question)), 0) for i, q in mine]
     eps = run_episodes(engine, env, jobs, params, encode, decode) if jobs else []
     sums = [sum(e.info.get("em", 0.0) for e in eps), sum(e.info.get("f1", 0.0) for e in eps),
             sum(e.info.get("n_searches", 0) for e in eps), sum(sum(e.out.generated) for e in eps), len(eps)]

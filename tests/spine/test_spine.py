@@ -1,0 +1,137 @@
+"""The spine: loss masks of multi-turn trajectories, weight publishing, data-parallel correctness."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sidpt.batch import LOSS_MASK, ROLLOUT_LOGPROBS, TOKENS
+from sidpt.data import episode_tensors, prepare_task, task_tokenizer
+from sidpt.env.base import FINISH_CODES, EnvState, Episode, StepResult, Turn
+from sidpt.model import build_model
+from sidpt.model.model import ModelArgs
+from sidpt.rollout import Engine, EngineConfig, SamplingParams
+from sidpt.rollout.multiturn import Job, episodes_to_batch, run_episodes
+from sidpt.trainer import OptimConfig, Trainer, sequence_logprobs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    task = prepare_task(tmp_path_factory.mktemp("task"), n_entities=30, seed=0, is_main=True)
+    return task_tokenizer(task, 300, is_main=True)
+
+
+def test_hand_built_trajectory_masks_exactly_the_observation(tok):
+    obs = "\n\n<information>Doc 1(Title: Ann Vel) Ann Vel was born in Kor.</information>\n\n"
+    turns = [Turn("<search>Ann Vel</search>", True), Turn(obs, False), Turn("<answer>Kor</answer>", True)]
+    prompt = tok.encode("Question: Where was Ann Vel born?\n")
+    ids, mask = episode_tensors(Episode(None, turns, 1.0, {}), prompt, tok.encode)
+    a, o, b = (tok.encode(t.text) for t in turns)
+    assert ids == prompt + a + o + b
+    assert mask == [False] * len(prompt) + [True] * len(a) + [False] * len(o) + [True] * len(b)
+    assert tok.decode(ids[len(prompt) + len(a): len(prompt) + len(a) + len(o)]) == obs
+
+
+class ScriptedEnv:
+    """Answers the first turn with a fixed observation, ends the episode on the second."""
+
+    stop_strings = ("e",)  # a letter the random model emits soon: forces a tool pause
+
+    def __init__(self, observation):
+        self.observation = observation
+
+    def reset(self, sample):
+        return EnvState(sample)
+
+    def step(self, state, text):
+        state.turn += 1
+        if state.turn == 1:
+            return StepResult(self.observation, False, 0.0, {"finish": None})
+        return StepResult(None, True, 1.0, {"finish": "answer"})
+
+    def end(self, state, finish):
+        return StepResult(None, True, 0.0, {"finish": finish})
+
+
+def test_engine_trajectory_masks_observation_tokens(tok):
+    model = build_model(ModelArgs(vocab_size=tok.vocab_size), seed=3)
+    engine = Engine(model, EngineConfig(block_size=8, num_blocks=64, max_model_len=256), tokenizer=tok)
+    obs = "<information>retrieved text, not the policy's</information>"
+    obs_ids = tok.encode(obs)
+    jobs = [Job(g, j, None, tok.encode("Question: who?\n"), seed=10 * g + j) for g in range(2) for j in range(2)]
+    eps = run_episodes(engine, ScriptedEnv(obs), jobs, SamplingParams(max_new_tokens=40), tok.encode, tok.decode)
+    batch = episodes_to_batch(eps, FINISH_CODES)
+    paused = 0
+    for i, ep in enumerate(eps):
+        if ep.info["finish"] != "answer":
+            continue
+        paused += 1
+        gen = torch.tensor(ep.out.generated)
+        P = ep.out.prompt_len
+        first_turn = int(torch.nonzero(~gen[P:])[0]) if (~gen[P:]).any() else None
+        start = P + first_turn
+        assert batch[TOKENS][i, start: start + len(obs_ids)].tolist() == obs_ids
+        expected = torch.zeros(batch[TOKENS].shape[1], dtype=torch.bool)
+        expected[P:start] = True
+        expected[start + len(obs_ids): len(ep.out.tokens)] = True
+        assert torch.equal(batch[LOSS_MASK][i], expected)
+        assert (batch[ROLLOUT_LOGPROBS][i][~expected] == 0).all() and (batch[ROLLOUT_LOGPROBS][i][expected] < 0).all()
+    assert paused >= 2
+
+
+def test_publish_makes_engine_equal_trainer(tok):
+    args = ModelArgs(vocab_size=tok.vocab_size)
+    trainer = Trainer(build_model(args, seed=1), OptimConfig(1e-2, 0.0, (0.9, 0.99), 1.0, 4096))
+    engine = Engine(build_model(args, seed=2), EngineConfig(block_size=8, num_blocks=64, max_model_len=128))
+    tokens = torch.randint(0, args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    lp, _ = sequence_logprobs(trainer.model, tokens)
+    lp.sum().backward()
+    trainer.opt.step()  # weights moved away from the init
+    from sidpt.controller import probe_check, publish
+
+    v = publish(trainer, engine, bucket_mb=0.01)  # many small buckets
+    assert v == 1
+    for name, p in engine.model.named_parameters():
+        assert torch.equal(p, dict(trainer.model.named_parameters())[name])
+    assert probe_check(trainer, engine, tokens[0, :6].tolist(), n=10) <= 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_rl_row(out_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (out_dir / "t" / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in rows if "loss/total" in r)
+
+
+def test_torchrun_two_ranks_equal_single_process(tmp_path):
+    common = [str(ROOT / "configs" / "debug.toml"), "--run.name=t", "--run.steps=1", "--sft.steps=0",
+              f"--task.dir={tmp_path / 'task'}", "--algo.entropy_coef=1.0", "--run.verify_publish=true",
+              "--run.threads=1", "--task.eval_questions=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "sidpt", *common, f"--run.out_dir={tmp_path / 'one'}"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", str(_free_port()), "-m", "sidpt", *common,
+                            f"--run.out_dir={tmp_path / 'two'}"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    a, b = _first_rl_row(tmp_path / "one"), _first_rl_row(tmp_path / "two")
+    assert a["rollout/episodes"] == b["rollout/episodes"] == 16
+    assert abs(a["loss/total"]) > 0.1 and a["train/grad_norm"] > 0.01  # not a comparison of zeros
+    print({k: (a[k], b[k]) for k in ("loss/total", "train/grad_norm")})
+    assert abs(a["loss/total"] - b["loss/total"]) <= 1e-5
+    assert abs(a["train/grad_norm"] - b["train/grad_norm"]) <= 1e-5
+    assert a["publish/weights_max_abs"] == 0.0 and b["publish/weights_max_abs"] == 0.0  # bitwise
+    assert a["publish/probe_max_abs"] <= 1e-5 and b["publish/probe_max_abs"] <= 1e-5
