@@ -67,7 +67,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter and activation dtype (norms, softmax and RoPE tables are computed in float32)."""
     vocab_size: int = 0
-    """Vocabulary of a random-init model's tokenizer, trained on the task (0: the size's default)."""
+    """Vocabulary cap of a random-init model's tokenizer, trained on the task (0: every word)."""
+    tokenizer: Literal["word", "bpe"] = "word"
+    """A random-init model's task tokenizer: word-level (names copy as whole tokens) or byte BPE."""
 
 
 @dataclass
@@ -78,6 +80,9 @@ class TaskConfig:
     """Entities in a generated task."""
     seed: int = 0
     """Seed of the generated task (independent of run.seed)."""
+    sft_frac: float = 0.1
+    """Share of a generated task's entities whose questions form the SFT split (disjoint from
+    train and held-out entities)."""
     eval_questions: int = 200
     """Held-out questions per evaluation (greedy)."""
     prompt: str = ""
@@ -162,6 +167,9 @@ class SFTConfig:
     """Trajectories per SFT step, over all ranks."""
     n_trajectories: int = 300
     """Distinct SFT trajectories (built on entities outside train and held-out)."""
+    context_weight: float = 0.0
+    """Weight of the language-model loss on prompt and observation tokens (0: standard SFT, loss
+    on the model's turns only)."""
 
 
 @dataclass

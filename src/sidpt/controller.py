@@ -24,6 +24,7 @@ loss normalisers and metrics are all-reduced). The disaggregated async pipeline 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -35,7 +36,9 @@ from rich.table import Table
 
 from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REWARD, ROLLOUT_LOGPROBS, SEQ_LEN
 from sidpt.config import Config, ConfigError, save_config
-from sidpt.data import episode_seed, episode_tensors, prepare_task, sft_batch, step_indices, task_tokenizer
+from sidpt.data import (
+    episode_seed, episode_tensors, prepare_task, sft_batch, spread_questions, step_indices, task_tokenizer,
+)
 from sidpt.dist.plan import build_plan
 from sidpt.dist.world import World, all_reduce_sum, init_world, shutdown
 from sidpt.env.base import FINISH_CODES
@@ -67,7 +70,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         save_config(cfg, run_dir / "config.toml")
 
     # -- task, tokenizer, model ---------------------------------------------------------------
-    task = prepare_task(cfg.task.dir, cfg.task.n_entities, cfg.task.seed, world.is_main)
+    task = prepare_task(cfg.task.dir, cfg.task.n_entities, cfg.task.seed, world.is_main, cfg.task.sft_frac)
     env_cfg = dataclasses.replace(cfg.env, corpus=cfg.env.corpus or str(task["corpus"]))
     if world.is_main:
         SearchEnv(env_cfg)  # builds the BM25 cache once, before the other ranks read it
@@ -83,7 +86,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     else:
         if cfg.model.size not in SIZES:
             raise ConfigError(f"model.size={cfg.model.size!r}: expected one of {list(SIZES)}")
-        tok = task_tokenizer(task, cfg.model.vocab_size or 1024, world.is_main)
+        tok = task_tokenizer(task, cfg.model.vocab_size, world.is_main, cfg.model.tokenizer)
         args = dataclasses.replace(SIZES[cfg.model.size], vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
         policy = build_model(args, dtype=dtype, device=world.device, seed=cfg.run.seed)
     args = policy.args
@@ -115,7 +118,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
 
     # -- SFT warm-start -----------------------------------------------------------------------
     if cfg.sft.steps:
-        sft_q = load_questions(task["sft"])[: cfg.sft.n_trajectories]
+        sft_q = spread_questions(load_questions(task["sft"]), cfg.sft.n_trajectories, cfg.run.seed)
         rows = [episode_tensors(ep, encode(prompt(ep.sample.question)), encode)
                 for ep in sft_episodes(env, sft_q)]
         rows = [(ids + list(eos), m + [True] * len(eos)) for ids, m in rows]  # learn to stop
@@ -125,15 +128,24 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             for step in range(cfg.sft.steps):
                 idx = step_indices(len(rows), cfg.sft.batch_size, cfg.run.seed, step, salt=1)
                 local = idx[world.rank:: world.world_size]
-                stats = trainer.sft_step(sft_batch([rows[i] for i in local], tok.pad_id or 0))
+                stats = trainer.sft_step(sft_batch([rows[i] for i in local], tok.pad_id or 0), cfg.sft.context_weight)
                 log.log(step, {"phase_sft": 1.0, **stats})
                 prog.update(task_bar, advance=1, info=f"loss {stats['sft/loss']:.3f}")
         trainer.set_lr(cfg.train.lr)
         publish(trainer, engine, cfg.train.publish_bucket_mb)
-    def evaluate_heldout() -> dict[str, float]:
-        return evaluate(engine, env, heldout_q[: cfg.task.eval_questions], prompt, encode, decode, eos, cfg, world)
+    def evaluate_heldout(name: str) -> dict[str, float]:
+        examples: list = []
+        ev = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], prompt, encode, decode, eos, cfg, world,
+                      examples)
+        if world.is_main:  # what the policy actually writes, for reading
+            with open(run_dir / f"examples_{name}.jsonl", "w") as f:
+                for x in examples:
+                    e = x["episode"]
+                    f.write(json.dumps({"text": decode(e.out.tokens), "reward": e.reward,
+                                        "gold": e.info.get("gold"), "answer": e.info.get("answer")}) + "\n")
+        return ev
 
-    results["before"] = evaluate_heldout()
+    results["before"] = evaluate_heldout("before")
     console.print(f"held-out before RL: {_fmt(results['before'])}")
 
     # -- RL -----------------------------------------------------------------------------------
@@ -187,9 +199,9 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             prog.update(bar, advance=1, info=f"reward {row['reward/mean']:.3f}  searches "
                                              f"{row['env/n_searches']:.2f}  {wall:.1f}s/step")
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
-                ev = evaluate_heldout()
+                ev = evaluate_heldout(f"step{step + 1}")
                 log.log(step, {f"eval/{k}": v for k, v in ev.items()})
-    results["after"] = evaluate_heldout()
+    results["after"] = evaluate_heldout("after")
     if world.is_main:
         _summary(console, results, run_dir, curve)
     log.close()
@@ -228,7 +240,7 @@ def probe_check(trainer: Trainer, engine: Engine, probe: list[int], n: int = 8) 
 
 
 def evaluate(engine: Engine, env, questions, prompt, encode, decode, eos, cfg: Config,
-             world: World) -> dict[str, float]:
+             world: World, examples: list | None = None) -> dict[str, float]:
     """Greedy episodes on held-out questions (sharded over ranks): exact match, searches, length."""
     mine = [(i, q) for i, q in enumerate(questions) if i % world.world_size == world.rank]
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=eos)
@@ -238,6 +250,8 @@ def evaluate(engine: Engine, env, questions, prompt, encode, decode, eos, cfg: C
             sum(e.info.get("n_searches", 0) for e in eps), sum(sum(e.out.generated) for e in eps), len(eps)]
     em, f1, searches, tokens, n = all_reduce_sum(sums, world.device)
     n = max(n, 1)
+    if examples is not None:
+        examples.extend({"question": e.out.tokens[: e.out.prompt_len], "episode": e} for e in eps[:20])
     return {"exact_match": 100 * em / n, "f1": 100 * f1 / n, "searches": searches / n,
             "response_tokens": tokens / n, "questions": n}
 

@@ -128,15 +128,25 @@ class Trainer:
         stats["train/micro_batches"] = len(mbs)
         return stats
 
-    def sft_step(self, batch: TensorDict) -> dict[str, float]:
-        """Cross-entropy on the LOSS_MASK tokens, mean over all ranks' loss tokens."""
-        norm = all_reduce_norm(loss_norm(batch[LOSS_MASK], "token-mean"), device=self.device)
+    def sft_step(self, batch: TensorDict, context_weight: float = 0.0) -> dict[str, float]:
+        """Cross-entropy on the LOSS_MASK tokens, plus ``context_weight`` times the cross-entropy on
+        the other real tokens (prompt, observations), normalised by the summed weights over all
+        ranks. A context weight > 0 is language-model pre-training on the documents the policy reads;
+        it teaches a random-init model to copy names (they repeat inside each document)."""
+
+        def weights(mb: TensorDict) -> torch.Tensor:  # [n, T]
+            T = mb[TOKENS].shape[1]
+            real = torch.arange(T, device=mb[TOKENS].device)[None, :] < mb[SEQ_LEN][:, None]
+            real[:, 0] = False  # token 0 has no prediction
+            return torch.where(mb[LOSS_MASK], 1.0, context_weight * real.float())
+
+        total_w = all_reduce_sum([float(weights(batch).sum())], self.device)[0]
         mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for mb in mbs:
             lp, _ = sequence_logprobs(self.model, mb[TOKENS])
-            loss = -torch.where(mb[LOSS_MASK], lp, 0.0).sum() / max(norm.num_tokens, 1.0)
+            loss = -(weights(mb) * lp).sum() / max(total_w, 1.0)
             (loss * self.dp).backward()
             total += float(loss.detach())
         stats = self._optimizer_step()

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     task = prepare_task(tmp_path_factory.mktemp("task"), n_entities=30, seed=0, is_main=True)
-    return task_tokenizer(task, 300, is_main=True)
+    return task_tokenizer(task, 300, is_main=True, kind="bpe")
 
 
 def test_hand_built_trajectory_masks_exactly_the_observation(tok):

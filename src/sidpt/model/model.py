@@ -90,7 +90,8 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 # embeddings; vocab 8192 stands in for a small real tokenizer.
 SIZES: dict[str, ModelArgs] = {
     "debug": ModelArgs(),
-    "1M": ModelArgs(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=384),
+    "1M": ModelArgs(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=384,
+                    tie_embeddings=True),
     "6M": ModelArgs(vocab_size=8192, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=688,
                     tie_embeddings=True),
     "25M": ModelArgs(vocab_size=8192, dim=512, n_layers=6, n_heads=8, n_kv_heads=4, intermediate_size=1376,
