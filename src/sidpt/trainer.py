@@ -36,12 +36,24 @@ class OptimConfig:
     micro_batch_tokens: int
 
 
-def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False):
+def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False, mask: torch.Tensor | None = None):
     """lp [n, T] with lp[:, t] = log p(tokens[:, t] | tokens[:, :t]) (0 at t = 0), float32; and the
-    entropy [n, T] of the same next-token distributions when asked."""
-    logits = model(tokens)[:, :-1]  # [n, T-1, V]
-    lp = F.pad(token_logprobs(logits, tokens[:, 1:]), (1, 0))  # [n, T]
-    ent = F.pad(entropy_from_logits(logits.float()), (1, 0)) if entropy else None
+    entropy [n, T] of the same next-token distributions when asked. With ``mask`` [n, T] only the
+    masked positions are computed (the others are 0) and the LM head runs on those rows only."""
+    if mask is None:
+        logits = model(tokens)[:, :-1]  # [n, T-1, V]
+        lp = F.pad(token_logprobs(logits, tokens[:, 1:]), (1, 0))  # [n, T]
+        ent = F.pad(entropy_from_logits(logits.float()), (1, 0)) if entropy else None
+        return lp, ent
+    target = mask.clone()
+    target[:, 0] = False
+    source = F.pad(target[:, 1:], (0, 1))  # the hidden state at t-1 predicts token t
+    logits = model(tokens, select=source)  # [M, V]
+    lp = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    lp = lp.masked_scatter(target, token_logprobs(logits, tokens[target]))
+    ent = None
+    if entropy:
+        ent = torch.zeros_like(lp).masked_scatter(target, entropy_from_logits(logits.float()))
     return lp, ent
 
 
@@ -93,10 +105,10 @@ class Trainer:
         T = batch[TOKENS].shape[1]
         olds, refs = [], []
         for mb in self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens)):
-            lp, _ = sequence_logprobs(self.model, mb[TOKENS])
+            lp, _ = sequence_logprobs(self.model, mb[TOKENS], mask=mb[LOSS_MASK])
             olds.append(F.pad(lp, (0, T - lp.shape[1])))
             if self.reference is not None:
-                rlp, _ = sequence_logprobs(self.reference, mb[TOKENS])
+                rlp, _ = sequence_logprobs(self.reference, mb[TOKENS], mask=mb[LOSS_MASK])
                 refs.append(F.pad(rlp, (0, T - rlp.shape[1])))
         n = batch.batch_size[0]
         out = batch.copy()
@@ -113,7 +125,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for mb in mbs:
-            lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True)
+            mask = mb[TRAIN_MASK] | mb[LOSS_MASK]
+            lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True, mask=mask)
             total, m = micro_batch_loss(lp, mb, norm, loss=loss, loss_kwargs=loss_kwargs, kl_coef=kl_coef,
                                         entropy=ent if entropy_coef > 0 else ent.detach(),
                                         entropy_coef=entropy_coef)
@@ -145,8 +158,9 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for mb in mbs:
-            lp, _ = sequence_logprobs(self.model, mb[TOKENS])
-            loss = -(weights(mb) * lp).sum() / max(total_w, 1.0)
+            w = weights(mb)
+            lp, _ = sequence_logprobs(self.model, mb[TOKENS], mask=w > 0)
+            loss = -(w * lp).sum() / max(total_w, 1.0)
             (loss * self.dp).backward()
             total += float(loss.detach())
         stats = self._optimizer_step()

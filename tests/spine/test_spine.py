@@ -135,3 +135,24 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
     assert abs(a["train/grad_norm"] - b["train/grad_norm"]) <= 1e-5
     assert a["publish/weights_max_abs"] == 0.0 and b["publish/weights_max_abs"] == 0.0  # bitwise
     assert a["publish/probe_max_abs"] <= 1e-5 and b["publish/probe_max_abs"] <= 1e-5
+
+
+def test_masked_logprobs_equal_full_logprobs_and_gradients():
+    """The selected-positions LM head gives the full computation's values and gradients."""
+    model = build_model(ModelArgs(vocab_size=97), seed=4)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 97, (3, 17), generator=g)
+    mask = torch.rand(3, 17, generator=g) < 0.4
+    w = torch.rand(3, 17, generator=g) + 0.5
+    full, ent_full = sequence_logprobs(model, tokens, entropy=True)
+    (torch.where(mask, full * w, 0.0).sum() + torch.where(mask, ent_full, 0.0).sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    part, ent_part = sequence_logprobs(model, tokens, entropy=True, mask=mask)
+    (torch.where(mask, part * w, 0.0).sum() + torch.where(mask, ent_part, 0.0).sum()).backward()
+    m = mask.clone()
+    m[:, 0] = False
+    torch.testing.assert_close(part[m], full[m], atol=1e-6, rtol=0)
+    assert (part[~m] == 0).all() and (full[m] < 0).all()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)

@@ -260,9 +260,14 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         attn: Attention = causal_attention,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]."""
-        return self.logits(self.forward_hidden(tokens, positions, attn))
+        """tokens [B, T] -> logits [B, T, V]; with ``select`` (bool [B, T]) only the logits of the
+        selected positions, [M, V]: the LM head is skipped where no log-prob is needed (in RL most
+        positions are prompt or observation). A forward argument, not a separate method, so that
+        FSDP2's hooks on the root module run."""
+        hidden = self.forward_hidden(tokens, positions, attn)
+        return self.logits(hidden if select is None else hidden[select])
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
