@@ -80,6 +80,8 @@ class TaskConfig:
     """Entities in a generated task."""
     seed: int = 0
     """Seed of the generated task (independent of run.seed)."""
+    name_pool: int = 0
+    """Invented first names and surnames each come from a pool of this size (0: every surname new)."""
     sft_frac: float = 0.1
     """Share of a generated task's entities whose questions form the SFT split (disjoint from
     train and held-out entities)."""

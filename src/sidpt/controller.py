@@ -70,7 +70,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         save_config(cfg, run_dir / "config.toml")
 
     # -- task, tokenizer, model ---------------------------------------------------------------
-    task = prepare_task(cfg.task.dir, cfg.task.n_entities, cfg.task.seed, world.is_main, cfg.task.sft_frac)
+    task = prepare_task(cfg.task.dir, cfg.task.n_entities, cfg.task.seed, world.is_main, cfg.task.sft_frac,
+                        cfg.task.name_pool)
     env_cfg = dataclasses.replace(cfg.env, corpus=cfg.env.corpus or str(task["corpus"]))
     if world.is_main:
         SearchEnv(env_cfg)  # builds the BM25 cache once, before the other ranks read it

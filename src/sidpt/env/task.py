@@ -102,14 +102,31 @@ class _Words:
                 return w
 
 
-def make_entities(n_entities: int, seed: int) -> list[dict[str, Any]]:
-    """``n_entities`` invented people (in namesake pairs), their attributes, and a rival each."""
+def make_entities(n_entities: int, seed: int, name_pool: int = 0) -> list[dict[str, Any]]:
+    """``n_entities`` invented people (in namesake pairs), their attributes, and a rival each.
+
+    ``name_pool > 0``: first names and surnames come from two pools of that many invented words
+    (every full name still unique, namesake pairs share the first name), so each name word recurs
+    across entities, as real names do; 0: every surname is new."""
     rng = random.Random(seed)
     words = _Words(rng)
     n_places = max(8, n_entities // 4)
     cities = [words.new(2, 2)[0] for _ in range(n_places)]
     employers = [f"{words.new(2, 2)[0]} {rng.choice(EMPLOYER_SUFFIXES)}" for _ in range(n_places)]
-    names = []
+    names: list[str] = []
+    if name_pool > 0:
+        if name_pool * name_pool < n_entities:
+            raise ValueError(f"name_pool={name_pool}: {name_pool}^2 full names < n_entities={n_entities}")
+        firsts = [words.new(2, 2)[0] for _ in range(name_pool)]
+        lasts = [words.new(2, 3)[0] for _ in range(name_pool)]
+        taken: set[str] = set()
+        while len(names) < n_entities:
+            first = rng.choice(firsts)
+            for _ in range(2 if len(names) + 1 < n_entities else 1):  # a namesake pair
+                while (name := f"{first} {rng.choice(lasts)}") in taken:
+                    first = first if rng.random() < 0.9 else rng.choice(firsts)
+                taken.add(name)
+                names.append(name)
     while len(names) < n_entities:
         first, _ = words.new(2, 2)
         last, sylls = words.new(2, 3)
@@ -170,7 +187,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0, heldout_frac: float = 0.2,
-                     sft_frac: float = 0.1) -> dict[str, Path]:
+                     sft_frac: float = 0.1, name_pool: int = 0) -> dict[str, Path]:
     """Write the task files (see the module docstring) into ``out_dir``; returns their paths by name."""
     if n_entities < 3:
         raise ValueError(f"n_entities={n_entities}: need at least 3 (one per split)")
@@ -178,7 +195,7 @@ def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0,
         raise ValueError(f"heldout_frac={heldout_frac}, sft_frac={sft_frac}: need both > 0 and a sum < 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    people = make_entities(n_entities, seed)
+    people = make_entities(n_entities, seed, name_pool)
     order = list(range(n_entities))
     random.Random(seed + 1).shuffle(order)
     n_held = max(1, round(heldout_frac * n_entities))
@@ -189,6 +206,7 @@ def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0,
     for name, idx in split.items():
         _write_jsonl(paths[name], [row for i in sorted(idx) for row in entity_questions(people[i])])
     meta = {"n_entities": n_entities, "seed": seed, "heldout_frac": heldout_frac, "sft_frac": sft_frac,
+            "name_pool": name_pool,
             "attributes": list(ATTRIBUTES), **{f"n_{k}_entities": len(v) for k, v in split.items()},
             "heldout_guess_em": guess_baseline([people[i] for i in split["train"]],
                                                [people[i] for i in split["heldout"]])}
