@@ -25,9 +25,13 @@ def test_ci_runs_the_readme_test_command():
 def test_entry_validates_config_and_writes_it(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
-         "--run.name=t"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
+         "--run.name=t", f"--task.dir={tmp_path / 'task'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "t" / "config.toml").read_text().count("[run]") == 1
+    assert "held-out search questions" in out.stdout and "exact match" in out.stdout
+    rows = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"reward/mean"' in r for r in rows) == 2  # one row per RL step of debug.toml
+    assert (tmp_path / "t" / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), "--model.szie=6M"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "did you mean 'model.size'" in bad.stderr

@@ -99,7 +99,10 @@ def spread_questions(questions: list, n: int, seed: int) -> list:
     for q in questions:
         by_entity.setdefault(str(q.meta.get("entity", q.id)), []).append(q)
     keys = sorted(by_entity)
-    random.Random(seed).shuffle(keys)
+    rng = random.Random(seed)
+    rng.shuffle(keys)
+    for k in keys:  # each entity's questions in a seeded order too: every kind of question is covered
+        rng.shuffle(by_entity[k])
     out = []
     for r in range(max(len(v) for v in by_entity.values())):
         out += [by_entity[k][r] for k in keys if r < len(by_entity[k])]

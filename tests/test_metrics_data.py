@@ -1,0 +1,37 @@
+"""Small pieces of the spine: the PNG writer, per-step prompt choice, SFT question spread."""
+
+import struct
+import zlib
+
+from sidpt.data import episode_seed, spread_questions, step_indices
+from sidpt.env.search import Question
+from sidpt.metrics import write_line_png
+
+
+def test_png_is_valid_and_draws_the_series(tmp_path):
+    path = tmp_path / "c.png"
+    write_line_png(path, {"reward": [(0, 0.1), (1, 0.5), (2, 0.9)]}, width=200, height=120)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (w, h) == (200, 120)
+    idat = data[data.index(b"IDAT") + 4:]
+    raw = zlib.decompress(idat[: struct.unpack(">I", data[data.index(b"IDAT") - 4: data.index(b"IDAT")])[0]])
+    assert len(raw) == h * (1 + 3 * w)
+    blue = bytes((31, 119, 180))
+    assert raw.count(blue) >= 140  # the line spans the 140-pixel plot area in the first series colour
+
+
+def test_step_choice_is_deterministic_and_distinct():
+    a = step_indices(100, 16, seed=3, step=7)
+    assert a == step_indices(100, 16, seed=3, step=7)
+    assert len(set(a)) == 16 and a != step_indices(100, 16, seed=3, step=8)
+    assert episode_seed(0, 1, 2, 3) != episode_seed(0, 1, 3, 2)
+
+
+def test_spread_questions_covers_entities_first():
+    qs = [Question(f"{e}-{k}", "q", ["a"], {"entity": e, "attribute": k}) for e in "abcdefghij" for k in range(3)]
+    got = spread_questions(qs, 12, seed=0)
+    assert len(got) == 12 and len({q.meta["entity"] for q in got[:10]}) == 10
+    assert {q.meta["attribute"] for q in got[:10]} == {0, 1, 2}  # not only each entity's first question
+    assert spread_questions(qs, 12, seed=0) == got
