@@ -141,3 +141,14 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: invalid JSON"):
         Tokenizer(tmp_path)
+
+
+def test_generation_blocks_render_like_transformers(tmp_path):
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+                "{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n"
+                "{% endfor %}")
+    hf = build_tokenizer(tmp_path, template, "qwen")
+    chat = CONVERSATIONS[1][1:]
+    ours = Tokenizer(tmp_path).apply_chat_template(chat)
+    assert ours == hf.apply_chat_template(chat, tokenize=False)
+    assert "<|im_start|>assistant\n<answer>Goethe</answer><|im_end|>" in ours

@@ -149,11 +149,14 @@ def make_entities(n_entities: int, seed: int, name_pool: int = 0) -> list[dict[s
 
 
 def entity_document(p: dict[str, Any]) -> dict[str, str]:
-    name, prof = p["name"], p["profession"]
-    article = "an" if prof[0] in "aeiou" else "a"
-    text = (f"{name} was born in {p['birthplace']} in {p['birth_year']}. {name} is {article} {prof} at "
-            f"{p['employer']}. The favourite colour of {name} is {p['colour']}. "
-            f"{name} is a rival of {p['rival']}.")
+    """One document per entity. Each fact is stated in the words its question uses ("the
+    birthplace of X is ...", "X was born in <year>", "X works for ..."), so that answering is
+    finding the question's phrase in the result and copying what follows it: a skill a
+    small model can learn in minutes, where paraphrase matching would need far more data."""
+    name = p["name"]
+    text = (f"The birthplace of {name} is {p['birthplace']}. {name} was born in {p['birth_year']}. "
+            f"The profession of {name} is {p['profession']}. {name} works for {p['employer']}. "
+            f"The favourite colour of {name} is {p['colour']}. The rival of {name} is {p['rival']}.")
     return {"id": p["doc_id"], "title": name, "text": text}
 
 
