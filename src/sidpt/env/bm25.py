@@ -72,16 +72,19 @@ def _doc_from_row(row: object, where: str) -> Doc:
     return Doc(str(row["id"]), title, text)
 
 
-def parse_corpus(data: bytes, path: str | os.PathLike = "<corpus>") -> list[Doc]:
-    docs = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+def jsonl_rows(text: str, path: str | os.PathLike, error: type[Exception]):
+    """(``"path:line"``, row) for each non-blank line; a bad line raises ``error`` naming file and line."""
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{lineno}: invalid JSON ({e})") from None
-        docs.append(_doc_from_row(row, f"{path}:{lineno}"))
+            raise error(f"{path}:{lineno}: invalid JSON ({e})") from None
+
+
+def parse_corpus(data: bytes, path: str | os.PathLike = "<corpus>") -> list[Doc]:
+    docs = [_doc_from_row(row, where) for where, row in jsonl_rows(data.decode("utf-8"), path, CorpusError)]
     if not docs:
         raise CorpusError(f"{path}: the corpus has no documents")
     return docs

@@ -26,7 +26,6 @@ and in total (``n_errors``); a turn may carry more than one.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidpt.env.base import EnvState, StepResult
-from sidpt.env.bm25 import BM25, Doc, load_bm25, tokenize
+from sidpt.env.bm25 import BM25, Doc, jsonl_rows, load_bm25, tokenize
 from sidpt.env.scoring import exact_match, token_f1
 
 SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
@@ -134,17 +133,9 @@ def as_question(row: Any, where: str = "<row>", default_id: str = "") -> Questio
 
 def load_questions(path: str | os.PathLike) -> list[Question]:
     """Questions from a JSONL file in any layout ``as_question`` accepts (ids default to the line number)."""
-    out = []
     text = Path(path).read_text(encoding="utf-8")
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
-        out.append(as_question(row, f"{path}:{lineno}", default_id=str(lineno)))
-    return out
+    return [as_question(row, where, default_id=where.rsplit(":", 1)[1])
+            for where, row in jsonl_rows(text, path, DataError)]
 
 
 # ---------------------------------------------------------------------------------------------
