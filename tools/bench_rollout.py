@@ -2,9 +2,11 @@
 
     python tools/bench_rollout.py                       # 6M / 25M / 100M at batch 1, 16, 64
     python tools/bench_rollout.py --sizes 25M --batches 64 --new-tokens 64
+    python tools/bench_rollout.py --sizes runs/smollm2    # a checkpoint directory (a real model)
 
-Same weights (random, saved by sidpt and loaded by transformers), same prompts (16 random tokens
-each), greedy, ``--new-tokens`` new tokens per prompt, fp32, 2 threads.
+Same weights (random, saved by sidpt and loaded by transformers; or a checkpoint directory that
+both load, e.g. SmolLM2-135M-Instruct from ``tools/import_gguf.py --smollm2``), same prompts (16
+random tokens each), greedy, ``--new-tokens`` new tokens per prompt, fp32, 2 threads.
 
 Roofline. Both rates are measured at start-up in this run: the matmul rate F (best of a few
 1024^3 fp32 GEMMs) and the copy bandwidth W (bytes read + written per second by a 256 MiB
@@ -30,7 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sidpt.model import SIZES, build_model, save_checkpoint
+from sidpt.model import SIZES, build_model, load_checkpoint, save_checkpoint
 from sidpt.model.model import ModelArgs
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
 
@@ -110,7 +112,8 @@ def bench_hf(path, prompts, new: int, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", nargs="+", default=["6M", "25M", "100M"])
+    ap.add_argument("--sizes", nargs="+", default=["6M", "25M", "100M"],
+                    help=f"named sizes ({', '.join(SIZES)}) or checkpoint directories")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -133,10 +136,18 @@ def main() -> None:
         table.add_column(col, justify="right")
     g = torch.Generator().manual_seed(0)
     for size in a.sizes:
-        args = SIZES[size]
-        model = build_model(args, seed=0)
+        if os.path.isdir(size):  # a real checkpoint: both engines load the same directory
+            model = load_checkpoint(size)
+            args, name = model.args, os.path.basename(os.path.normpath(size))
+        elif size in SIZES:
+            args, name = SIZES[size], size
+            model = build_model(args, seed=0)
+        else:
+            raise SystemExit(f"--sizes {size!r}: neither a named size ({', '.join(SIZES)}) nor a directory")
         with tempfile.TemporaryDirectory() as tmp:
-            if not a.no_hf:
+            if os.path.isdir(size):
+                tmp = size
+            elif not a.no_hf:
                 save_checkpoint(tmp, model)
             for B in a.batches:
                 prompts = torch.randint(0, args.vocab_size, (B, a.prompt_len), generator=g).tolist()
@@ -147,14 +158,14 @@ def main() -> None:
                 flops_t = 2 * B * (args.num_params(False) + args.vocab_size * args.dim) / F
                 bytes_t = 4 * (args.num_params(False) + args.vocab_size * args.dim) / W
                 table.add_row(
-                    f"{size} ({model_params(args) / 1e6:.1f}M)", str(B), f"{n / t_s:.0f}",
+                    f"{name} ({model_params(args) / 1e6:.1f}M)", str(B), f"{n / t_s:.0f}",
                     "-" if t_h is None else f"{n / t_h:.0f}",
                     "-" if t_h is None else f"{t_h / t_s:.2f}x",
                     f"{n / roof:.0f}", f"{100 * roof / t_s:.0f}%",
                     "-" if t_h is None else f"{100 * roof / t_h:.0f}%",
                     "compute" if flops_t > bytes_t else "memory",
                 )
-                console.print(f"  {size} batch {B}: sidpt {n / t_s:.0f} tok/s"
+                console.print(f"  {name} batch {B}: sidpt {n / t_s:.0f} tok/s"
                               + ("" if t_h is None else f", transformers {n / t_h:.0f} tok/s"))
                 gc.collect()
     console.print(table)

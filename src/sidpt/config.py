@@ -89,6 +89,11 @@ class TaskConfig:
     """Held-out questions per evaluation (greedy)."""
     prompt: str = ""
     """Prompt template with ``{question}`` (empty: the environment's full tool instruction)."""
+    chat: bool = False
+    """Render the prompt as a user message with the model's chat template (a pretrained model's
+    ``tokenizer_config.json``), ending with the assistant header; False: raw text."""
+    system: str = ""
+    """System message before the user message when ``chat`` is set (empty: none)."""
 
 
 @dataclass

@@ -42,7 +42,7 @@ from sidpt.data import (
 from sidpt.dist.plan import build_plan
 from sidpt.dist.world import World, all_reduce_sum, init_world, shutdown
 from sidpt.env.base import FINISH_CODES
-from sidpt.env.search import SearchEnv, format_prompt, load_questions
+from sidpt.env.search import INSTRUCTION, SearchEnv, format_prompt, load_questions, prompt_messages
 from sidpt.env.task import sft_episodes
 from sidpt.metrics import MetricsLog, Timers, write_line_png
 from sidpt.model import SIZES, Transformer, build_model, load_checkpoint
@@ -105,10 +105,16 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                                                max_model_len=r.max_model_len, precision=r.precision,
                                                max_seqs=max(64, r.prompts_per_step * r.group_size)),
                     tokenizer=tok)
-    def prompt(question: str) -> str:
-        return format_prompt(question, cfg.task.prompt) if cfg.task.prompt else format_prompt(question)
+    template = cfg.task.prompt or INSTRUCTION
 
-    probe = tok.encode(prompt(heldout_q[0].question))
+    def prompt_ids(question: str) -> list[int]:
+        """Raw text, or (task.chat) the model's own chat template with a system prompt."""
+        if not cfg.task.chat:
+            return tok.encode(format_prompt(question, template))
+        system = [{"role": "system", "content": cfg.task.system}] if cfg.task.system else []
+        return tok.encode_chat(system + prompt_messages(question, template), add_generation_prompt=True)
+
+    probe = prompt_ids(heldout_q[0].question)
     publish(trainer, engine, cfg.train.publish_bucket_mb, version=0)
     encode = tok.encode
     decode = tok.decode
@@ -120,7 +126,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     # -- SFT warm-start -----------------------------------------------------------------------
     if cfg.sft.steps:
         sft_q = spread_questions(load_questions(task["sft"]), cfg.sft.n_trajectories, cfg.run.seed)
-        rows = [episode_tensors(ep, encode(prompt(ep.sample.question)), encode)
+        rows = [episode_tensors(ep, prompt_ids(ep.sample.question), encode)
                 for ep in sft_episodes(env, sft_q)]
         rows = [(ids + list(eos), m + [True] * len(eos)) for ids, m in rows]  # learn to stop
         trainer.set_lr(cfg.sft.lr)
@@ -136,14 +142,14 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         publish(trainer, engine, cfg.train.publish_bucket_mb)
     def evaluate_heldout(name: str) -> dict[str, float]:
         examples: list = []
-        ev = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], prompt, encode, decode, eos, cfg, world,
+        ev = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], prompt_ids, encode, decode, eos, cfg, world,
                       examples)
         if world.is_main:  # what the policy actually writes, for reading
             with open(run_dir / f"examples_{name}.jsonl", "w") as f:
                 for x in examples:
                     e = x["episode"]
                     f.write(json.dumps({"text": decode(e.out.tokens), "reward": e.reward,
-                                        "gold": e.info.get("gold"), "answer": e.info.get("answer")}) + "\n")
+                                        "gold": x["gold"], "answer": e.info.get("answer")}) + "\n")
         return ev
 
     results["before"] = evaluate_heldout("before")
@@ -159,7 +165,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 groups = step_indices(len(train_q), r.prompts_per_step, cfg.run.seed, step)
                 params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                         max_new_tokens=r.max_new_tokens, stop_token_ids=eos)
-                jobs = [Job(g, j, train_q[q], encode(prompt(train_q[q].question)),
+                jobs = [Job(g, j, train_q[q], prompt_ids(train_q[q].question),
                             episode_seed(cfg.run.seed, step, g, j))
                         for g, q in enumerate(groups) if g % world.world_size == world.rank
                         for j in range(r.group_size)]
@@ -240,19 +246,19 @@ def probe_check(trainer: Trainer, engine: Engine, probe: list[int], n: int = 8) 
     return float((lp[0].cpu()[gen] - torch.tensor(out.logprobs)[gen]).abs().max())
 
 
-def evaluate(engine: Engine, env, questions, prompt, encode, decode, eos, cfg: Config,
+def evaluate(engine: Engine, env, questions, prompt_ids, encode, decode, eos, cfg: Config,
              world: World, examples: list | None = None) -> dict[str, float]:
     """Greedy episodes on held-out questions (sharded over ranks): exact match, searches, length."""
     mine = [(i, q) for i, q in enumerate(questions) if i % world.world_size == world.rank]
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=eos)
-    jobs = [Job(i, 0, q, encode(prompt(q.question)), 0) for i, q in mine]
+    jobs = [Job(i, 0, q, prompt_ids(q.question), 0) for i, q in mine]
     eps = run_episodes(engine, env, jobs, params, encode, decode) if jobs else []
     sums = [sum(e.info.get("em", 0.0) for e in eps), sum(e.info.get("f1", 0.0) for e in eps),
             sum(e.info.get("n_searches", 0) for e in eps), sum(sum(e.out.generated) for e in eps), len(eps)]
     em, f1, searches, tokens, n = all_reduce_sum(sums, world.device)
     n = max(n, 1)
     if examples is not None:
-        examples.extend({"question": e.out.tokens[: e.out.prompt_len], "episode": e} for e in eps[:20])
+        examples.extend({"episode": e, "gold": questions[e.group].answers} for e in eps[:20])
     return {"exact_match": 100 * em / n, "f1": 100 * f1 / n, "searches": searches / n,
             "response_tokens": tokens / n, "questions": n}
 
