@@ -3,6 +3,7 @@
     python tools/bench_rollout.py                       # 6M / 25M / 100M at batch 1, 16, 64
     python tools/bench_rollout.py --sizes 25M --batches 64 --new-tokens 64
     python tools/bench_rollout.py --sizes runs/smollm2    # a checkpoint directory (a real model)
+    python tools/bench_rollout.py --thrash                # scheduling under KV-cache pressure
 
 Same weights (random, saved by sidpt and loaded by transformers; or a checkpoint directory that
 both load, e.g. SmolLM2-135M-Instruct from ``tools/import_gguf.py --smollm2``), same prompts (16
@@ -110,6 +111,37 @@ def bench_hf(path, prompts, new: int, repeats: int) -> float:
     return best
 
 
+def bench_thrash(console: Console, size: str = "6M", n: int = 64, prompt: int = 200, new: int = 40) -> None:
+    """Continuous batching with a KV cache that holds a third of the demand vs an unconstrained
+    one: wall time, preemptions and prefill tokens (recomputation shows up as prefill > ideal)."""
+    from sidpt.rollout.kv_cache import PagedKVCache
+
+    args = SIZES[size]
+    model = build_model(args, seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, args.vocab_size, (prompt + (i % 7) * 10,), generator=g).tolist() for i in range(n)]
+    ideal = sum(map(len, prompts))
+    demand = sum(len(p) + new for p in prompts)
+    per_token = PagedKVCache.bytes_per_token(args.n_layers, args.n_kv_heads, args.head_dim, torch.float32)
+    table = Table(title=f"{size}, {n} requests, prompt ~{prompt}, {new} sampled tokens each")
+    for col in ("KV cache", "seconds", "time / unconstrained", "preemptions", "prefill / ideal", "steps"):
+        table.add_column(col, justify="right")
+    base = None
+    for frac in (4.0, 1 / 3):
+        mb = frac * demand * per_token / 2**20
+        engine = Engine(model, EngineConfig(block_size=16, kv_cache_mb=mb, max_model_len=prompt + new + 96,
+                                            max_seqs=n))
+        reqs = [Request(i, p, SamplingParams(temperature=1.0, max_new_tokens=new, seed=i)) for i, p in enumerate(prompts)]
+        t = time.perf_counter()
+        engine.generate(reqs)
+        dt = time.perf_counter() - t
+        base = base or dt
+        st = engine.stats
+        table.add_row(f"{frac:.2f} x demand", f"{dt:.2f}", f"{dt / base:.2f}x", str(st["preemptions"]),
+                      f"{st['prefill_tokens'] / ideal:.2f}", str(st["steps"]))
+    console.print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["6M", "25M", "100M"],
@@ -120,9 +152,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (sidpt only)")
+    ap.add_argument("--thrash", action="store_true", help="only the KV-cache pressure scheduling benchmark")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     console = Console()
+    if a.thrash:
+        return bench_thrash(console)
     load = os.getloadavg()[0]
     if load > 0.5:
         console.print(f"[yellow]load average {load:.2f}: another process is busy, timings will be low[/]")

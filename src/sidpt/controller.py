@@ -175,10 +175,9 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 batch = trainer.recompute(batch)
             mismatch = mismatch_metrics(batch[ROLLOUT_LOGPROBS], batch[OLD_LOGPROBS], batch[LOSS_MASK])
             batch = compute_advantages(batch, cfg.algo.advantage, norm_std=cfg.algo.norm_std)
-            n_zero = 0
-            if cfg.algo.dynamic_sampling:  # DAPO: no loss on groups with equal rewards
-                keep = batch[ADVANTAGES].abs().sum(-1) > 0
-                n_zero = int((~keep).sum())
+            keep = batch[ADVANTAGES].abs().sum(-1) > 0  # [B] False: a group with equal rewards
+            n_zero = int((~keep).sum())  # this rank's sequences that carry no signal
+            if cfg.algo.dynamic_sampling:  # DAPO: no loss on them (they leave the normalisers)
                 batch[LOSS_MASK] = batch[LOSS_MASK] & keep[:, None]
             batch, _ = apply_correction(batch, cfg.algo.correction, cfg.algo.correction_form)
             with timers("train"):
