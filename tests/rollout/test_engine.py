@@ -98,6 +98,23 @@ def test_small_cache_preempts_and_matches_unconstrained():
     assert small.cache.num_free == small.cache.num_blocks and not small.seqs  # everything released
 
 
+def test_cache_pressure_does_not_thrash():
+    """With a cache a third of the demand, admission must leave room for running requests: each
+    request is admitted about once (old scheduler: 1.5x the prefill work, ~1 preemption per request)."""
+    model = sharp_model(seed=3)
+    ps = prompts(32, model.args.vocab_size, seed=4, lo=40, hi=60)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16)
+    demand_blocks = sum(-(-(len(p) + 16) // 4) for p in ps)
+    ref = Engine(model, EngineConfig(block_size=4, num_blocks=2 * demand_blocks, max_model_len=96,
+                                     max_seqs=32)).generate([Request(i, p, params) for i, p in enumerate(ps)])
+    small = Engine(model, EngineConfig(block_size=4, num_blocks=demand_blocks // 3, max_model_len=96, max_seqs=32))
+    got = small.generate([Request(i, p, params) for i, p in enumerate(ps)])
+    ideal = sum(map(len, ps))
+    assert [o.tokens for o in got] == [o.tokens for o in ref]
+    assert small.stats["prefill_tokens"] <= 1.15 * ideal, (small.stats, ideal)
+    assert small.stats["preemptions"] <= len(ps) // 4, small.stats
+
+
 class CharTokenizer:
     """One token per character of a small alphabet: enough to test stop strings."""
 
