@@ -180,15 +180,14 @@ def main() -> None:
         else:
             raise SystemExit(f"--sizes {size!r}: neither a named size ({', '.join(SIZES)}) nor a directory")
         with tempfile.TemporaryDirectory() as tmp:
-            if os.path.isdir(size):
-                tmp = size
-            elif not a.no_hf:
+            hf_dir = size if os.path.isdir(size) else tmp  # what transformers loads
+            if hf_dir == tmp and not a.no_hf:
                 save_checkpoint(tmp, model)
             for B in a.batches:
                 prompts = torch.randint(0, args.vocab_size, (B, a.prompt_len), generator=g).tolist()
                 n = B * a.new_tokens
                 t_s = bench_sidpt(model, prompts, a.new_tokens, a.repeats)
-                t_h = None if a.no_hf else bench_hf(tmp, prompts, a.new_tokens, a.repeats)
+                t_h = None if a.no_hf else bench_hf(hf_dir, prompts, a.new_tokens, a.repeats)
                 roof = roofline_seconds(args, B, a.prompt_len, a.new_tokens, F, W)
                 flops_t = 2 * B * (args.num_params(False) + args.vocab_size * args.dim) / F
                 bytes_t = 4 * (args.num_params(False) + args.vocab_size * args.dim) / W
