@@ -35,3 +35,25 @@ def test_spread_questions_covers_entities_first():
     assert len(got) == 12 and len({q.meta["entity"] for q in got[:10]}) == 10
     assert {q.meta["attribute"] for q in got[:10]} == {0, 1, 2}  # not only each entity's first question
     assert spread_questions(qs, 12, seed=0) == got
+
+
+def test_stale_task_dir_is_regenerated_with_its_tokenizer(tmp_path):
+    """A task directory generated with other arguments is rebuilt, not silently reused (and the
+    tokenizer trained on the old task goes with it); the same arguments reuse it untouched."""
+    import json
+
+    from sidpt.data import prepare_task, task_tokenizer
+
+    task = prepare_task(tmp_path, n_entities=30, seed=0, is_main=True, sft_frac=0.2)
+    task_tokenizer(task, 300, is_main=True, kind="word")
+    heldout = task["heldout"].read_text()
+    mtime = task["corpus"].stat().st_mtime_ns
+    prepare_task(tmp_path, n_entities=30, seed=0, is_main=True, sft_frac=0.2)
+    assert task["corpus"].stat().st_mtime_ns == mtime  # same arguments: reused
+    assert (tmp_path / "tokenizer-word-300").exists()
+    prepare_task(tmp_path, n_entities=30, seed=0, is_main=True, sft_frac=0.5)
+    meta = json.loads((tmp_path / "task.json").read_text())
+    assert meta["sft_frac"] == 0.5 and meta["n_sft_entities"] == 15
+    assert task["heldout"].read_text() == heldout  # the held-out split does not depend on sft_frac
+    assert len(task["sft"].read_text().splitlines()) == 15 * 6
+    assert not (tmp_path / "tokenizer-word-300").exists()
