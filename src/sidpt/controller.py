@@ -147,9 +147,11 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         if world.is_main:  # what the policy actually writes, for reading
             with open(run_dir / f"examples_{name}.jsonl", "w") as f:
                 for x in examples:
-                    e = x["episode"]
-                    f.write(json.dumps({"text": decode(e.out.tokens), "reward": e.reward,
-                                        "gold": x["gold"], "answer": e.info.get("answer")}) + "\n")
+                    e, q = x["episode"], x["question"]
+                    f.write(json.dumps({"id": q.id, "question": q.question, "gold": q.answers,
+                                        "answer": e.info.get("answer"), "reward": e.reward,
+                                        "retrieved": e.info.get("retrieved"), **q.meta,
+                                        "text": decode(e.out.tokens[e.out.prompt_len:])}) + "\n")
         return ev
 
     results["before"] = evaluate_heldout("before")
@@ -191,7 +193,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                     timers_extra = {"publish/weights_max_abs": published_weights_diff(trainer, engine, world)}
                 else:
                     timers_extra = {}
-            ep_stats = _episode_stats(episodes, batch, world)
+            ep_stats = _episode_stats(episodes, [j.sample for j in jobs], batch, world)
             mm = dict(zip([k.removeprefix("mismatch/") for k in mismatch], [v / world.world_size for v in
                                      all_reduce_sum([float(v) for v in mismatch.values()], world.device)]))
             gen_tokens = ep_stats["rollout/response_tokens"] * ep_stats["rollout/episodes"]
@@ -252,14 +254,31 @@ def evaluate(engine: Engine, env, questions, prompt_ids, encode, decode, eos, cf
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=eos)
     jobs = [Job(i, 0, q, prompt_ids(q.question), 0) for i, q in mine]
     eps = run_episodes(engine, env, jobs, params, encode, decode) if jobs else []
+    hits, known = _retrieval_hits(eps, [j.sample for j in jobs])
     sums = [sum(e.info.get("em", 0.0) for e in eps), sum(e.info.get("f1", 0.0) for e in eps),
-            sum(e.info.get("n_searches", 0) for e in eps), sum(sum(e.out.generated) for e in eps), len(eps)]
-    em, f1, searches, tokens, n = all_reduce_sum(sums, world.device)
+            sum(e.info.get("n_searches", 0) for e in eps), sum(sum(e.out.generated) for e in eps), len(eps),
+            hits, known]
+    em, f1, searches, tokens, n, hits, known = all_reduce_sum(sums, world.device)
     n = max(n, 1)
     if examples is not None:
-        examples.extend({"episode": e, "gold": questions[e.group].answers} for e in eps[:20])
-    return {"exact_match": 100 * em / n, "f1": 100 * f1 / n, "searches": searches / n,
-            "response_tokens": tokens / n, "questions": n}
+        examples.extend({"episode": e, "question": questions[e.group]} for e in eps)
+    out = {"exact_match": 100 * em / n, "f1": 100 * f1 / n, "searches": searches / n,
+           "response_tokens": tokens / n, "questions": n}
+    if known:
+        out["retrieval_hit"] = 100 * hits / known
+    return out
+
+
+def _retrieval_hits(episodes, samples) -> tuple[float, float]:
+    """(episodes whose searches retrieved their question's gold document, episodes whose question
+    names one): where the agent fails, searching or reading. Task rows carry ``doc_id``."""
+    hits = known = 0
+    for e, q in zip(episodes, samples):
+        doc = q.meta.get("doc_id") if hasattr(q, "meta") else None
+        if doc is not None:
+            known += 1
+            hits += doc in e.info.get("retrieved", ())
+    return float(hits), float(known)
 
 
 def _loss_kwargs(cfg: Config) -> dict:
@@ -268,17 +287,17 @@ def _loss_kwargs(cfg: Config) -> dict:
     return {}
 
 
-def _episode_stats(episodes, batch, world: World) -> dict[str, float]:
+def _episode_stats(episodes, samples, batch, world: World) -> dict[str, float]:
     n = len(episodes)
-    sums = [
+    sums = [*_retrieval_hits(episodes, samples),
         float(batch[REWARD].sum()), sum(e.info.get("em", 0.0) for e in episodes),
         sum(e.info.get("f1", 0.0) for e in episodes), sum(e.info.get("n_searches", 0) for e in episodes),
         sum(e.info.get("n_errors", 0) for e in episodes), float(batch[LOSS_MASK].sum()),
         float(batch[SEQ_LEN].sum()), sum(e.info.get("finish") == "answer" for e in episodes), n,
     ]
-    reward, em, f1, searches, errors, resp, seqlen, answered, n = all_reduce_sum(sums, world.device)
+    hits, known, reward, em, f1, searches, errors, resp, seqlen, answered, n = all_reduce_sum(sums, world.device)
     n = max(n, 1)
-    return {"reward/mean": reward / n, "env/em": em / n, "env/f1": f1 / n, "env/n_searches": searches / n,
+    return {**({"env/retrieval_hit": hits / known} if known else {}),"reward/mean": reward / n, "env/em": em / n, "env/f1": f1 / n, "env/n_searches": searches / n,
             "env/n_errors": errors / n, "env/answered": answered / n, "rollout/response_tokens": resp / n,
             "rollout/seq_len": seqlen / n, "rollout/episodes": n}
 
@@ -295,12 +314,14 @@ def _fmt(ev: dict[str, float]) -> str:
 
 def _summary(console: Console, results, run_dir: Path, curve) -> None:
     table = Table(title="held-out search questions (greedy)")
-    for col in ("", "exact match %", "F1 %", "searches / question", "response tokens"):
+    hit = all("retrieval_hit" in results[n] for n in ("before", "after"))
+    for col in ("", "exact match %", "F1 %", "searches / question", "response tokens") + (
+            ("gold doc retrieved %",) if hit else ()):
         table.add_column(col, justify="right")
     for name in ("before", "after"):
         ev = results[name]
         table.add_row(f"{name} RL", f"{ev['exact_match']:.1f}", f"{ev['f1']:.1f}", f"{ev['searches']:.2f}",
-                      f"{ev['response_tokens']:.1f}")
+                      f"{ev['response_tokens']:.1f}", *((f"{ev['retrieval_hit']:.1f}",) if hit else ()))
     console.print(table)
     if curve:
         write_line_png(run_dir / "reward_curve.png", {"reward": curve})

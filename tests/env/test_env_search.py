@@ -22,7 +22,7 @@ from sidpt.env.search import (
     wrap_observation,
 )
 
-INFO_KEYS = {"n_turns", "n_searches", "n_errors", "finish", "answer", "em", "f1", "action",
+INFO_KEYS = {"n_turns", "n_searches", "n_errors", "finish", "answer", "em", "f1", "action", "retrieved",
              *(f"err_{k}" for k in ERROR_KINDS)}
 
 
@@ -72,6 +72,7 @@ def test_search_then_answer_episode(env, task, questions):
     assert r1.observation.endswith("</information>\n\n") and r1.observation.count("\nDoc ") == 2  # top 3
     assert r1.info["n_searches"] == 1 and r1.info["n_turns"] == 1 and r1.info["n_errors"] == 0
     assert q.answers[0] in r1.observation
+    assert r1.info["retrieved"][0] == q.meta["doc_id"] and len(r1.info["retrieved"]) == 3
     r2 = env.step(state, f"<answer>{q.answers[0]}</answer>")
     assert r2.done and r2.observation is None and r2.reward == 1.0
     assert r2.info["finish"] == "answer" and r2.info["em"] == 1.0 and r2.info["f1"] == 1.0

@@ -20,7 +20,7 @@ closing tag):
   is always accepted. So an episode takes at most ``max_turns + 1`` model turns.
 
 Observations are text; the controller tokenizes them and masks them out of the loss (see
-``sidpt.env.base``). Errors are counted per kind in ``info`` (``err_<kind>``, see ``ERROR_KINDS``)
+``sidpt.env.base``). ``info["retrieved"]`` lists the ids of every document shown, in order. Errors are counted per kind in ``info`` (``err_<kind>``, see ``ERROR_KINDS``)
 and in total (``n_errors``); a turn may carry more than one.
 """
 
@@ -250,15 +250,19 @@ class SearchEnv:
         self.cfg, self.retriever = config, retriever
 
     def reset(self, sample: Any) -> EnvState:
-        info: dict[str, Any] = {"n_turns": 0, "n_searches": 0, "n_errors": 0}
+        info: dict[str, Any] = {"n_turns": 0, "n_searches": 0, "n_errors": 0, "retrieved": []}
         info.update({f"err_{k}": 0 for k in ERROR_KINDS})
         info.update({"finish": None, "answer": None, "em": 0.0, "f1": 0.0, "action": None})
         return EnvState(as_question(sample), info=info)
 
     def search(self, query: str) -> str:
         """The observation text for one query."""
+        return self._search(query)[0]
+
+    def _search(self, query: str) -> tuple[str, list[str]]:
         hits = self.retriever.search(query, self.cfg.topk)
-        return wrap_observation(format_docs(hits, self.cfg.max_doc_chars) if hits else NO_RESULTS)
+        text = wrap_observation(format_docs(hits, self.cfg.max_doc_chars) if hits else NO_RESULTS)
+        return text, [doc.id for doc, _ in hits]
 
     def step(self, state: EnvState, model_text: str) -> StepResult:
         if state.done:
@@ -288,7 +292,8 @@ class SearchEnv:
                 query = query[: self.cfg.max_query_chars]
             if tokenize(query):
                 info["n_searches"] += 1
-                obs = self.search(query)
+                obs, ids = self._search(query)
+                info["retrieved"] = info["retrieved"] + ids  # a new list: StepResult infos stay snapshots
             else:
                 errors.append("empty")
                 obs = wrap_observation(CORRECTIONS["empty"])
