@@ -162,6 +162,10 @@ class TrainConfig:
     """Padded tokens per micro-batch (rows x longest)."""
     publish_bucket_mb: float = 64.0
     """Bucket size of the weight publish from trainer to engine."""
+    skip_zero_adv: bool = True
+    """Leave trajectories whose advantage is 0 everywhere (GRPO groups with equal rewards) out of
+    the forward and backward when the loss has no KL or entropy term: their gradient is exactly
+    0 and they stay in the loss normalisers, so the update is unchanged (an exact saving)."""
 
 
 @dataclass

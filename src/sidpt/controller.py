@@ -185,7 +185,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             with timers("train"):
                 stats = trainer.rl_step(batch, agg=cfg.algo.agg, loss=cfg.algo.loss,
                                         loss_kwargs=_loss_kwargs(cfg), kl_coef=cfg.algo.kl_coef,
-                                        entropy_coef=cfg.algo.entropy_coef, norm_len=r.max_new_tokens)
+                                        entropy_coef=cfg.algo.entropy_coef, norm_len=r.max_new_tokens,
+                                        skip_zero_adv=cfg.train.skip_zero_adv)
             with timers("publish"):
                 publish(trainer, engine, cfg.train.publish_bucket_mb)
                 probe_err = probe_check(trainer, engine, probe)

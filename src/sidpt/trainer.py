@@ -21,10 +21,10 @@ from tensordict import TensorDict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from sidpt.batch import LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, SEQ_LEN, TOKENS
+from sidpt.batch import ADVANTAGES, ENTROPY, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, SEQ_LEN, TOKENS
 from sidpt.dist.world import all_reduce_max, all_reduce_sum
 from sidpt.model.model import Transformer, token_logprobs
-from sidpt.rl import TRAIN_MASK, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
+from sidpt.rl import TRAIN_MASK, aggregate, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
 
 
 @dataclass
@@ -74,6 +74,16 @@ def micro_batches(batch: TensorDict, max_tokens: int) -> list[TensorDict]:
     return out
 
 
+def _loss_free(td: TensorDict) -> TensorDict:
+    """A copy of ``td`` with no loss token: it runs the forward and backward (FSDP collectives)
+    and contributes exactly 0."""
+    empty = td.clone()
+    empty[LOSS_MASK] = torch.zeros_like(empty[LOSS_MASK])
+    if TRAIN_MASK in empty.keys():
+        empty[TRAIN_MASK] = torch.zeros_like(empty[TRAIN_MASK])
+    return empty
+
+
 class Trainer:
     def __init__(self, model: Transformer, optim: OptimConfig, mesh=None, reference: bool = False):
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
@@ -91,36 +101,46 @@ class Trainer:
     def _aligned(self, mbs: list[TensorDict]) -> list[TensorDict]:
         """Pad the micro-batch list with loss-free copies so every rank runs the same count."""
         n = all_reduce_max(len(mbs), self.device)
-        for _ in range(n - len(mbs)):
-            empty = mbs[0][:1].clone()
-            empty[LOSS_MASK] = torch.zeros_like(empty[LOSS_MASK])
-            if TRAIN_MASK in empty.keys():
-                empty[TRAIN_MASK] = torch.zeros_like(empty[TRAIN_MASK])
-            mbs.append(empty)
-        return mbs
+        return mbs + [_loss_free(mbs[0][:1]) for _ in range(n - len(mbs))]
 
     @torch.no_grad()
     def recompute(self, batch: TensorDict) -> TensorDict:
-        """OLD_LOGPROBS (and REF_LOGPROBS with a reference model) for every token of ``batch``."""
+        """OLD_LOGPROBS and ENTROPY (and REF_LOGPROBS with a reference model) for every loss token
+        of ``batch``."""
         T = batch[TOKENS].shape[1]
-        olds, refs = [], []
+        olds, ents, refs = [], [], []
         for mb in self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens)):
-            lp, _ = sequence_logprobs(self.model, mb[TOKENS], mask=mb[LOSS_MASK])
+            lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True, mask=mb[LOSS_MASK])
             olds.append(F.pad(lp, (0, T - lp.shape[1])))
+            ents.append(F.pad(ent, (0, T - ent.shape[1])))
             if self.reference is not None:
                 rlp, _ = sequence_logprobs(self.reference, mb[TOKENS], mask=mb[LOSS_MASK])
                 refs.append(F.pad(rlp, (0, T - rlp.shape[1])))
         n = batch.batch_size[0]
         out = batch.copy()
         out[OLD_LOGPROBS] = torch.cat(olds)[:n]
+        out[ENTROPY] = torch.cat(ents)[:n]
         if refs:
             out[REF_LOGPROBS] = torch.cat(refs)[:n]
         return out
 
     def rl_step(self, batch: TensorDict, *, agg: str, loss: str, loss_kwargs: dict, kl_coef: float,
-                entropy_coef: float, norm_len: float | None = None) -> dict[str, float]:
-        """One optimiser step of the policy loss over the local batch (all ranks together)."""
+                entropy_coef: float, norm_len: float | None = None, skip_zero_adv: bool = True) -> dict[str, float]:
+        """One optimiser step of the policy loss over the local batch (all ranks together).
+
+        ``skip_zero_adv``: trajectories whose advantage is 0 on every train token (GRPO groups with
+        equal rewards) are left out of the forward and backward when the loss has no KL or entropy
+        term. Every policy loss is linear in the advantage, so their gradient is exactly 0; they
+        stay in the aggregation's normalisers (computed on the whole batch first), so the step is
+        the same, for a fraction of the compute. The entropy metric then comes from the recompute
+        (ENTROPY: the same pre-update weights) over the whole batch."""
         norm = all_reduce_norm(loss_norm(batch[TRAIN_MASK], agg, norm_len), device=self.device)
+        full = batch
+        skipped = 0
+        if skip_zero_adv and kl_coef == 0 and entropy_coef == 0:
+            keep = ((full[ADVANTAGES] != 0) & full[TRAIN_MASK]).any(-1)  # [N]
+            skipped = int((~keep).sum())
+            batch = full[keep] if keep.any() else _loss_free(full[:1])
         mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -134,11 +154,14 @@ class Trainer:
             m["loss/total"] = total.detach()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        if skipped and ENTROPY in full.keys():
+            sums["loss/entropy"] = float(aggregate(full[ENTROPY], full[TRAIN_MASK], norm))
         stats = self._optimizer_step()
         keys = sorted(sums)
         stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device)))
         stats["train/tokens"] = norm.num_tokens
         stats["train/micro_batches"] = len(mbs)
+        stats["train/skipped_seqs"] = all_reduce_sum([float(skipped)], self.device)[0]
         return stats
 
     def sft_step(self, batch: TensorDict, context_weight: float = 0.0) -> dict[str, float]:

@@ -156,3 +156,50 @@ def test_masked_logprobs_equal_full_logprobs_and_gradients():
     assert (part[~m] == 0).all() and (full[m] < 0).all()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss,agg,correction", [
+    ("ppo", "token-mean", "token-tis"), ("gspo", "seq-mean-token-mean", "none"),
+    ("cispo", "seq-mean-token-sum-norm", "icepop"), ("reinforce", "seq-mean-token-sum", "seq-mis"),
+])
+def test_skipping_zero_advantage_trajectories_is_exact(loss, agg, correction):
+    """rl_step(skip_zero_adv=True) leaves the GRPO groups with equal rewards out of the forward and
+    backward; the gradient, the loss, the gradient norm and the entropy metric are the full step's
+    (float32: the sums run in another order, so equal to rounding)."""
+    import copy
+
+    from tensordict import TensorDict
+
+    from sidpt.batch import GROUP_ID, REWARD, SEQ_LEN
+    from sidpt.rl import apply_correction, compute_advantages
+
+    args = ModelArgs(vocab_size=61)
+    g = torch.Generator().manual_seed(7)
+    n, T = 12, 19
+    seq_len = torch.randint(9, T + 1, (n,), generator=g)
+    pos = torch.arange(T)[None, :]
+    mask = (pos >= 4) & (pos < seq_len[:, None]) & (torch.rand(n, T, generator=g) < 0.8)
+    reward = torch.tensor([0., 1., 1., 0., 1., 1., 1., 1., 0., 0., 0., 0.])  # groups 1, 2: equal rewards
+    batch = TensorDict({
+        TOKENS: torch.randint(0, 61, (n, T), generator=g), SEQ_LEN: seq_len, LOSS_MASK: mask,
+        GROUP_ID: torch.arange(n) // 4, REWARD: reward,
+    }, batch_size=[n])
+    with torch.no_grad():  # an engine a little off the trainer: corrections weight and mask some tokens
+        lp, _ = sequence_logprobs(build_model(args, seed=3), batch[TOKENS], mask=mask)
+    batch[ROLLOUT_LOGPROBS] = torch.where(mask, lp + 0.4 * torch.randn(n, T, generator=g), 0.0)
+    results = []
+    for skip in (False, True):
+        trainer = Trainer(build_model(args, seed=3), OptimConfig(1e-2, 0.0, (0.9, 0.99), 1e9, 64))
+        b = compute_advantages(trainer.recompute(copy.deepcopy(batch)), "grpo")
+        b, _ = apply_correction(b, correction)
+        stats = trainer.rl_step(b, agg=agg, loss=loss, loss_kwargs={}, kl_coef=0.0, entropy_coef=0.0,
+                                norm_len=16, skip_zero_adv=skip)
+        results.append((stats, {k: p.grad for k, p in trainer.model.named_parameters()}))
+    (full, p_full), (skip, p_skip) = results
+    assert full["train/skipped_seqs"] == 0 and skip["train/skipped_seqs"] >= 8
+    assert skip["train/micro_batches"] < full["train/micro_batches"]  # less work, under a 64-token budget
+    assert full["train/grad_norm"] > 1e-3 and full["loss/entropy"] > 0.1  # not a comparison of zeros
+    for k in ("loss/total", "loss/policy", "train/grad_norm", "loss/entropy"):
+        assert abs(full[k] - skip[k]) <= 1e-6 * max(1.0, abs(full[k])), k
+    for name, grad in p_full.items():  # the gradients (Adam's first step is about lr * sign(grad))
+        torch.testing.assert_close(p_skip[name], grad, atol=1e-7, rtol=1e-5)
