@@ -16,7 +16,6 @@ POLICY_VERSION = "policy_version"  # [N, T] int32: weight version that produced 
 GROUP_ID = "group_id"  # [N] int64: prompt index; GRPO groups
 REWARD = "reward"  # [N] f32: scalar reward
 OLD_LOGPROBS = "old_logprobs"  # [N, T] f32: log pi_old, the trainer's recompute before update
-ENTROPY = "entropy"  # [N, T] f32: entropy of pi_old's next-token distribution (recompute; 0 off mask)
 REF_LOGPROBS = "ref_logprobs"  # [N, T] f32: log pi_ref, the frozen reference
 ADVANTAGES = "advantages"  # [N, T] f32: per-token advantage
 VALUES = "values"  # [N, T] f32: value-head estimates (GAE only)

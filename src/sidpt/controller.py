@@ -8,10 +8,11 @@
         jobs      = this rank's share of the step's prompts  # chosen from (seed, step): no broadcast
         episodes  = run_episodes(engine, env, jobs)          # multi-turn search, per-token logprobs
         batch     = episodes_to_batch(episodes)              # TensorDict, loss_mask on sampled tokens
-        batch     = trainer.recompute(batch)                 # old (and ref) logprobs
-        mismatch  = mismatch_metrics(batch)                  # trainer vs engine, every step
-        batch     = compute_advantages(batch); apply_correction(batch)
-        stats     = trainer.rl_step(batch)                   # micro-batches, global normalisers
+        batch     = compute_advantages(batch)                # GRPO: from the rewards alone
+        part      = trainer.recompute(batch[signal])         # old (and ref) logprobs; zero-advantage
+        mismatch  = mismatch_metrics(part)                   #   rows skipped (exact), see train.skip_zero_adv
+        part      = apply_correction(part)                   # trainer vs engine, every step
+        stats     = trainer.rl_step(part, norm=batch)        # micro-batches, global normalisers
         publish(trainer -> engine)                           # full-tensor buckets, version += 1
         log(step, ...)
     evaluate, table, reward curve
@@ -48,10 +49,10 @@ from sidpt.metrics import MetricsLog, Timers, write_line_png
 from sidpt.model import SIZES, Transformer, build_model, load_checkpoint
 from sidpt.model.model import DTYPES, count_params
 from sidpt.model.tokenizer import Tokenizer
-from sidpt.rl import apply_correction, compute_advantages, mismatch_metrics
+from sidpt.rl import REWEIGHT_ONLY, TRAIN_MASK, apply_correction, compute_advantages, mismatch_metrics
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
 from sidpt.rollout.multiturn import Job, episodes_to_batch, run_episodes
-from sidpt.trainer import OptimConfig, Trainer, sequence_logprobs
+from sidpt.trainer import OptimConfig, Trainer, loss_free, sequence_logprobs
 
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
@@ -173,20 +174,29 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                         for j in range(r.group_size)]
                 episodes = run_episodes(engine, env, jobs, params, encode, decode)
                 batch = episodes_to_batch(episodes, FINISH_CODES, tok.pad_id or 0)
-            with timers("recompute"):
-                batch = trainer.recompute(batch)
-            mismatch = mismatch_metrics(batch[ROLLOUT_LOGPROBS], batch[OLD_LOGPROBS], batch[LOSS_MASK])
-            batch = compute_advantages(batch, cfg.algo.advantage, norm_std=cfg.algo.norm_std)
+            batch = compute_advantages(batch, cfg.algo.advantage, norm_std=cfg.algo.norm_std)  # rewards only
             keep = batch[ADVANTAGES].abs().sum(-1) > 0  # [B] False: a group with equal rewards
             n_zero = int((~keep).sum())  # this rank's sequences that carry no signal
             if cfg.algo.dynamic_sampling:  # DAPO: no loss on them (they leave the normalisers)
                 batch[LOSS_MASK] = batch[LOSS_MASK] & keep[:, None]
-            batch, _ = apply_correction(batch, cfg.algo.correction, cfg.algo.correction_form)
+            # Skip what has an exactly-zero gradient: zero-advantage trajectories are not trained
+            # and, when the correction only reweights (so their TRAIN_MASK is their LOSS_MASK), not
+            # recomputed either; the mismatch diagnostics then cover the recomputed trajectories.
+            lean = cfg.train.skip_zero_adv and cfg.algo.kl_coef == 0 and cfg.algo.entropy_coef == 0
+            only_signal = lean and cfg.algo.correction in REWEIGHT_ONLY
+            with timers("recompute"):
+                part = _rows(batch, keep) if only_signal else batch
+                part = trainer.recompute(part)
+            mismatch = mismatch_metrics(part[ROLLOUT_LOGPROBS], part[OLD_LOGPROBS], part[LOSS_MASK])
+            part, _ = apply_correction(part, cfg.algo.correction, cfg.algo.correction_form)
+            norm_mask = batch[LOSS_MASK] if only_signal else part[TRAIN_MASK] if lean else None
+            if lean and not only_signal:
+                part = _rows(part, keep)
             with timers("train"):
-                stats = trainer.rl_step(batch, agg=cfg.algo.agg, loss=cfg.algo.loss,
+                stats = trainer.rl_step(part, agg=cfg.algo.agg, loss=cfg.algo.loss,
                                         loss_kwargs=_loss_kwargs(cfg), kl_coef=cfg.algo.kl_coef,
                                         entropy_coef=cfg.algo.entropy_coef, norm_len=r.max_new_tokens,
-                                        skip_zero_adv=cfg.train.skip_zero_adv)
+                                        norm_mask=norm_mask)
             with timers("publish"):
                 publish(trainer, engine, cfg.train.publish_bucket_mb)
                 probe_err = probe_check(trainer, engine, probe)
@@ -280,6 +290,12 @@ def _retrieval_hits(episodes, samples) -> tuple[float, float]:
             known += 1
             hits += doc in e.info.get("retrieved", ())
     return float(hits), float(known)
+
+
+def _rows(batch, keep: torch.Tensor):
+    """``batch[keep]``, or one loss-free row when nothing is kept (the collectives in the trainer's
+    forward and backward need every rank to run)."""
+    return batch[keep] if bool(keep.any()) else loss_free(batch[:1])
 
 
 def _loss_kwargs(cfg: Config) -> dict:

@@ -21,10 +21,10 @@ from tensordict import TensorDict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from sidpt.batch import ADVANTAGES, ENTROPY, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, SEQ_LEN, TOKENS
+from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, SEQ_LEN, TOKENS
 from sidpt.dist.world import all_reduce_max, all_reduce_sum
 from sidpt.model.model import Transformer, token_logprobs
-from sidpt.rl import TRAIN_MASK, aggregate, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
+from sidpt.rl import TRAIN_MASK, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
 
 
 @dataclass
@@ -74,7 +74,7 @@ def micro_batches(batch: TensorDict, max_tokens: int) -> list[TensorDict]:
     return out
 
 
-def _loss_free(td: TensorDict) -> TensorDict:
+def loss_free(td: TensorDict) -> TensorDict:
     """A copy of ``td`` with no loss token: it runs the forward and backward (FSDP collectives)
     and contributes exactly 0."""
     empty = td.clone()
@@ -82,6 +82,14 @@ def _loss_free(td: TensorDict) -> TensorDict:
     if TRAIN_MASK in empty.keys():
         empty[TRAIN_MASK] = torch.zeros_like(empty[TRAIN_MASK])
     return empty
+
+
+def signal_rows(batch: TensorDict, mask_key: str = TRAIN_MASK) -> torch.Tensor:
+    """[N] bool: trajectories whose advantage is nonzero on some ``mask_key`` token. Every policy
+    loss is linear in the advantage, so the others (GRPO groups with equal rewards) have an
+    exactly-zero policy gradient; without a KL or entropy term they can skip the forward and
+    backward."""
+    return ((batch[ADVANTAGES] != 0) & batch[mask_key]).any(-1)
 
 
 class Trainer:
@@ -101,46 +109,39 @@ class Trainer:
     def _aligned(self, mbs: list[TensorDict]) -> list[TensorDict]:
         """Pad the micro-batch list with loss-free copies so every rank runs the same count."""
         n = all_reduce_max(len(mbs), self.device)
-        return mbs + [_loss_free(mbs[0][:1]) for _ in range(n - len(mbs))]
+        return mbs + [loss_free(mbs[0][:1]) for _ in range(n - len(mbs))]
 
     @torch.no_grad()
     def recompute(self, batch: TensorDict) -> TensorDict:
-        """OLD_LOGPROBS and ENTROPY (and REF_LOGPROBS with a reference model) for every loss token
-        of ``batch``."""
+        """OLD_LOGPROBS (and REF_LOGPROBS with a reference model) for every loss token of ``batch``."""
         T = batch[TOKENS].shape[1]
-        olds, ents, refs = [], [], []
+        olds, refs = [], []
         for mb in self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens)):
-            lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True, mask=mb[LOSS_MASK])
+            lp, _ = sequence_logprobs(self.model, mb[TOKENS], mask=mb[LOSS_MASK])
             olds.append(F.pad(lp, (0, T - lp.shape[1])))
-            ents.append(F.pad(ent, (0, T - ent.shape[1])))
             if self.reference is not None:
                 rlp, _ = sequence_logprobs(self.reference, mb[TOKENS], mask=mb[LOSS_MASK])
                 refs.append(F.pad(rlp, (0, T - rlp.shape[1])))
         n = batch.batch_size[0]
         out = batch.copy()
         out[OLD_LOGPROBS] = torch.cat(olds)[:n]
-        out[ENTROPY] = torch.cat(ents)[:n]
         if refs:
             out[REF_LOGPROBS] = torch.cat(refs)[:n]
         return out
 
     def rl_step(self, batch: TensorDict, *, agg: str, loss: str, loss_kwargs: dict, kl_coef: float,
-                entropy_coef: float, norm_len: float | None = None, skip_zero_adv: bool = True) -> dict[str, float]:
+                entropy_coef: float, norm_len: float | None = None,
+                norm_mask: torch.Tensor | None = None) -> dict[str, float]:
         """One optimiser step of the policy loss over the local batch (all ranks together).
 
-        ``skip_zero_adv``: trajectories whose advantage is 0 on every train token (GRPO groups with
-        equal rewards) are left out of the forward and backward when the loss has no KL or entropy
-        term. Every policy loss is linear in the advantage, so their gradient is exactly 0; they
-        stay in the aggregation's normalisers (computed on the whole batch first), so the step is
-        the same, for a fraction of the compute. The entropy metric then comes from the recompute
-        (ENTROPY: the same pre-update weights) over the whole batch."""
-        norm = all_reduce_norm(loss_norm(batch[TRAIN_MASK], agg, norm_len), device=self.device)
-        full = batch
-        skipped = 0
-        if skip_zero_adv and kl_coef == 0 and entropy_coef == 0:
-            keep = ((full[ADVANTAGES] != 0) & full[TRAIN_MASK]).any(-1)  # [N]
-            skipped = int((~keep).sum())
-            batch = full[keep] if keep.any() else _loss_free(full[:1])
+        ``norm_mask`` is the TRAIN_MASK that the loss normalisers count (default: ``batch``'s own).
+        Pass the whole step's when ``batch`` holds only the trajectories with a nonzero advantage
+        (see ``signal_rows``): the others have an exactly-zero gradient, so the step is the same."""
+        mask_for_norm = batch[TRAIN_MASK] if norm_mask is None else norm_mask
+        norm = all_reduce_norm(loss_norm(mask_for_norm, agg, norm_len), device=self.device)
+        if batch.batch_size[0] == 0:
+            raise ValueError("rl_step: an empty batch (a rank with nothing to train passes loss_free(rows[:1]))")
+        rows = float(batch[TRAIN_MASK].any(-1).sum())
         mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -154,14 +155,12 @@ class Trainer:
             m["loss/total"] = total.detach()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        if skipped and ENTROPY in full.keys():
-            sums["loss/entropy"] = float(aggregate(full[ENTROPY], full[TRAIN_MASK], norm))
         stats = self._optimizer_step()
         keys = sorted(sums)
         stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device)))
         stats["train/tokens"] = norm.num_tokens
         stats["train/micro_batches"] = len(mbs)
-        stats["train/skipped_seqs"] = all_reduce_sum([float(skipped)], self.device)[0]
+        stats["train/seqs"] = all_reduce_sum([rows], self.device)[0]  # trajectories with a loss token
         return stats
 
     def sft_step(self, batch: TensorDict, context_weight: float = 0.0) -> dict[str, float]:

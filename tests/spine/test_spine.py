@@ -162,16 +162,18 @@ def test_masked_logprobs_equal_full_logprobs_and_gradients():
     ("ppo", "token-mean", "token-tis"), ("gspo", "seq-mean-token-mean", "none"),
     ("cispo", "seq-mean-token-sum-norm", "icepop"), ("reinforce", "seq-mean-token-sum", "seq-mis"),
 ])
-def test_skipping_zero_advantage_trajectories_is_exact(loss, agg, correction):
-    """rl_step(skip_zero_adv=True) leaves the GRPO groups with equal rewards out of the forward and
-    backward; the gradient, the loss, the gradient norm and the entropy metric are the full step's
-    (float32: the sums run in another order, so equal to rounding)."""
+def test_training_only_the_signal_rows_is_exact(loss, agg, correction):
+    """rl_step on the trajectories with a nonzero advantage (GRPO groups with unequal rewards),
+    the normalisers counted on the whole batch, gives the whole batch's loss, gradient and clip
+    fraction: the others' gradient is exactly 0. With a correction that only reweights they need
+    no recompute either (REWEIGHT_ONLY: their TRAIN_MASK is their LOSS_MASK)."""
     import copy
 
     from tensordict import TensorDict
 
     from sidpt.batch import GROUP_ID, REWARD, SEQ_LEN
-    from sidpt.rl import apply_correction, compute_advantages
+    from sidpt.rl import REWEIGHT_ONLY, TRAIN_MASK, apply_correction, compute_advantages
+    from sidpt.trainer import signal_rows
 
     args = ModelArgs(vocab_size=61)
     g = torch.Generator().manual_seed(7)
@@ -187,19 +189,28 @@ def test_skipping_zero_advantage_trajectories_is_exact(loss, agg, correction):
     with torch.no_grad():  # an engine a little off the trainer: corrections weight and mask some tokens
         lp, _ = sequence_logprobs(build_model(args, seed=3), batch[TOKENS], mask=mask)
     batch[ROLLOUT_LOGPROBS] = torch.where(mask, lp + 0.4 * torch.randn(n, T, generator=g), 0.0)
+    batch = compute_advantages(batch, "grpo")
+    keep = signal_rows(batch, LOSS_MASK)
+    assert keep.tolist() == [True] * 4 + [False] * 8
     results = []
-    for skip in (False, True):
+    for lean in (False, True):
         trainer = Trainer(build_model(args, seed=3), OptimConfig(1e-2, 0.0, (0.9, 0.99), 1e9, 64))
-        b = compute_advantages(trainer.recompute(copy.deepcopy(batch)), "grpo")
-        b, _ = apply_correction(b, correction)
-        stats = trainer.rl_step(b, agg=agg, loss=loss, loss_kwargs={}, kl_coef=0.0, entropy_coef=0.0,
-                                norm_len=16, skip_zero_adv=skip)
+        if lean and correction in REWEIGHT_ONLY:  # recompute and correct the signal rows only
+            part, _ = apply_correction(trainer.recompute(copy.deepcopy(batch)[keep]), correction)
+            norm_mask = batch[LOSS_MASK]
+        else:
+            part, _ = apply_correction(trainer.recompute(copy.deepcopy(batch)), correction)
+            norm_mask = part[TRAIN_MASK] if lean else None
+            part = part[keep] if lean else part
+        stats = trainer.rl_step(part, agg=agg, loss=loss, loss_kwargs={}, kl_coef=0.0, entropy_coef=0.0,
+                                norm_len=16, norm_mask=norm_mask)
         results.append((stats, {k: p.grad for k, p in trainer.model.named_parameters()}))
-    (full, p_full), (skip, p_skip) = results
-    assert full["train/skipped_seqs"] == 0 and skip["train/skipped_seqs"] >= 8
-    assert skip["train/micro_batches"] < full["train/micro_batches"]  # less work, under a 64-token budget
-    assert full["train/grad_norm"] > 1e-3 and full["loss/entropy"] > 0.1  # not a comparison of zeros
-    for k in ("loss/total", "loss/policy", "train/grad_norm", "loss/entropy"):
-        assert abs(full[k] - skip[k]) <= 1e-6 * max(1.0, abs(full[k])), k
-    for name, grad in p_full.items():  # the gradients (Adam's first step is about lr * sign(grad))
-        torch.testing.assert_close(p_skip[name], grad, atol=1e-7, rtol=1e-5)
+    (full, g_full), (lean, g_lean) = results
+    assert lean["train/seqs"] <= 4 < full["train/seqs"]
+    assert lean["train/micro_batches"] < full["train/micro_batches"]  # less work, under a 64-token budget
+    assert full["train/grad_norm"] > 1e-3 and full["train/tokens"] > 20  # not a comparison of zeros
+    for k in ("loss/total", "loss/policy", "train/grad_norm", "train/tokens", "loss/clip_frac"):
+        if k in full:
+            assert abs(full[k] - lean[k]) <= 1e-6 * max(1.0, abs(full[k])), k
+    for name, grad in g_full.items():  # the gradients (Adam's first step is about lr * sign(grad))
+        torch.testing.assert_close(g_lean[name], grad, atol=1e-7, rtol=1e-5)

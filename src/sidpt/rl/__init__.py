@@ -48,6 +48,7 @@ from sidpt.rl.advantages import (
 )
 from sidpt.rl.correction import (
     CORRECTION_MODES,
+    REWEIGHT_ONLY,
     DEFAULT_BOUNDS,
     Correction,
     apply_correction,
@@ -80,6 +81,7 @@ from sidpt.rl.losses import (
 __all__ = [
     "AGG_MODES",
     "CORRECTION_MODES",
+    "REWEIGHT_ONLY",
     "DEFAULT_BOUNDS",
     "ESTIMATORS",
     "IS_WEIGHT",

@@ -52,6 +52,7 @@ from sidpt.rl.kl import LOG_RATIO_CLAMP
 from sidpt.rl.losses import IS_WEIGHT, PROX_LOGPROBS, TRAIN_MASK, LossNorm, loss_norm, loss_weights
 
 CORRECTION_MODES = ("none", "token-tis", "token-mis", "seq-tis", "seq-mis", "geo-mis", "icepop", "k3-rs")
+REWEIGHT_ONLY = ("none", "token-tis", "seq-tis")  # modes that mask no token: TRAIN_MASK == LOSS_MASK
 DEFAULT_BOUNDS = {
     "token-mis": (0.0, 2.0),
     "seq-mis": (0.0, 2.0),

@@ -1,0 +1,71 @@
+"""Two gloo ranks with FSDP2 train only their trajectories with a nonzero advantage; one rank has
+none (it runs a loss-free row for the collectives). The step equals the single-process step on
+the whole batch."""
+
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tensordict import TensorDict
+
+from sidpt.batch import GROUP_ID, LOSS_MASK, REWARD, ROLLOUT_LOGPROBS, SEQ_LEN, TOKENS
+from sidpt.controller import _rows
+from sidpt.model import build_model
+from sidpt.model.model import ModelArgs
+from sidpt.rl import apply_correction, compute_advantages
+from sidpt.trainer import OptimConfig, Trainer, sequence_logprobs, signal_rows
+
+ARGS = ModelArgs(vocab_size=53)
+N, T = 8, 15
+
+
+def make_batch() -> TensorDict:
+    g = torch.Generator().manual_seed(3)
+    seq_len = torch.randint(8, T + 1, (N,), generator=g)
+    pos = torch.arange(T)[None, :]
+    mask = (pos >= 3) & (pos < seq_len[:, None])
+    batch = TensorDict({
+        TOKENS: torch.randint(0, 53, (N, T), generator=g), SEQ_LEN: seq_len, LOSS_MASK: mask,
+        GROUP_ID: torch.arange(N) // 4, REWARD: torch.tensor([1., 0., 0., 1., 1., 1., 1., 1.]),
+    }, batch_size=[N])
+    with torch.no_grad():
+        lp, _ = sequence_logprobs(build_model(ARGS, seed=5), batch[TOKENS], mask=mask)
+    batch[ROLLOUT_LOGPROBS] = torch.where(mask, lp + 0.3 * torch.randn(N, T, generator=g), 0.0)
+    return compute_advantages(batch, "grpo")
+
+
+def lean_step(trainer: Trainer, batch: TensorDict) -> dict[str, float]:
+    """The controller's lean path: recompute and train the signal rows, normalise on all."""
+    part, _ = apply_correction(trainer.recompute(_rows(batch, signal_rows(batch, LOSS_MASK))), "token-tis")
+    return trainer.rl_step(part, agg="token-mean", loss="ppo", loss_kwargs={}, kl_coef=0.0, entropy_coef=0.0,
+                           norm_mask=batch[LOSS_MASK])
+
+
+def worker(rank, world, port, expect):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+        trainer = Trainer(build_model(ARGS, seed=5), OptimConfig(1e-3, 0.0, (0.9, 0.99), 1e9, 256), mesh=mesh)
+        shard = make_batch()[rank * 4: (rank + 1) * 4]  # rank 1: one group with equal rewards, no signal
+        assert bool(signal_rows(shard, LOSS_MASK).any()) == (rank == 0)
+        stats = lean_step(trainer, shard)
+        for k in ("loss/total", "train/grad_norm", "train/tokens", "train/seqs"):
+            assert abs(stats[k] - expect[k]) <= 1e-5 * max(1.0, abs(expect[k])), (k, stats[k], expect[k])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lean_step_on_two_ranks_equals_single_process():
+    full = make_batch()
+    trainer = Trainer(build_model(ARGS, seed=5), OptimConfig(1e-3, 0.0, (0.9, 0.99), 1e9, 256))
+    part, _ = apply_correction(trainer.recompute(full), "token-tis")
+    expect = trainer.rl_step(part, agg="token-mean", loss="ppo", loss_kwargs={}, kl_coef=0.0, entropy_coef=0.0)
+    assert expect["train/grad_norm"] > 1e-3 and expect["train/seqs"] == N  # every row, the plain way
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    expect["train/seqs"] = 4.0  # the lean step trains only group 0
+    mp.spawn(worker, args=(2, port, expect), nprocs=2, join=True)
