@@ -207,6 +207,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             ep_stats = _episode_stats(episodes, [j.sample for j in jobs], batch, world)
             mm = dict(zip([k.removeprefix("mismatch/") for k in mismatch], [v / world.world_size for v in
                                      all_reduce_sum([float(v) for v in mismatch.values()], world.device)]))
+            mm["tokens"] = all_reduce_sum([float(part[LOSS_MASK].sum())], world.device)[0]  # measured on
             gen_tokens = ep_stats["rollout/response_tokens"] * ep_stats["rollout/episodes"]
             wall = time.perf_counter() - t0
             row = {**ep_stats, **{f"mismatch/{k}": v for k, v in mm.items()}, **stats, **timers.pop(),
