@@ -84,7 +84,10 @@ class TaskConfig:
     """Invented first names and surnames each come from a pool of this size (0: every surname new)."""
     sft_frac: float = 0.1
     """Share of a generated task's entities whose questions form the SFT split (disjoint from
-    train and held-out entities)."""
+    train and held-out entities); unused when ``sft_entities`` > 0."""
+    sft_entities: int = 0
+    """Extra entities, one SFT question each, for the SFT split (0: use ``sft_frac``). Seen once
+    each, their facts cannot be memorised, so the warm-start learns to read results."""
     eval_questions: int = 200
     """Held-out questions per evaluation (greedy)."""
     prompt: str = ""

@@ -153,14 +153,19 @@ class Trainer:
                                         entropy_coef=entropy_coef)
             (total * self.dp).backward()
             m["loss/total"] = total.detach()
+            m["train/entropy_sum"] = torch.where(mb[TRAIN_MASK], ent.detach(), 0.0).sum()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        if norm_mask is not None:  # an aggregate over part of the batch's tokens: not a mean of anything
+            sums.pop("loss/entropy", None)
         stats = self._optimizer_step()
         keys = sorted(sums)
         stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device)))
         stats["train/tokens"] = norm.num_tokens
         stats["train/micro_batches"] = len(mbs)
         stats["train/seqs"] = all_reduce_sum([rows], self.device)[0]  # trajectories with a loss token
+        n_tok = all_reduce_sum([float(batch[TRAIN_MASK].sum())], self.device)[0]
+        stats["train/entropy"] = stats.pop("train/entropy_sum") / max(n_tok, 1.0)  # token mean, trained tokens
         return stats
 
     def sft_step(self, batch: TensorDict, context_weight: float = 0.0) -> dict[str, float]:

@@ -5,9 +5,9 @@
 - ``corpus.jsonl``: one document per entity, ``{"id", "title", "text"}``. Names, cities and
   employers are invented from random syllables (every invented word is unique in the task and
   none is an English word of the templates); professions and colours come from fixed lists.
-  A document reads "Zorvath Kellimar was born in Quorbin in 1873. Zorvath Kellimar is an
-  astronomer at Vantrel Works. The favourite colour of Zorvath Kellimar is teal. Zorvath
-  Kellimar is a rival of Brisa Tolmec."
+  A document reads "The birthplace of Zorvath Kellimar is Quorbin. The birth year of Zorvath
+  Kellimar is 1873. The profession of Zorvath Kellimar is astronomer. ..." (one template for
+  every fact; see ``entity_document``).
 - Distractors: entities come in pairs of **namesakes** sharing the first name, their surnames one
   syllable apart ("Zorvath Kellimar" / "Zorvath Kellimor"); and every document names another
   entity as a rival, so a search for a name also returns other people's documents with other
@@ -56,19 +56,17 @@ COLOURS = ("amber", "azure", "crimson", "emerald", "gold", "indigo", "ivory", "l
 EMPLOYER_SUFFIXES = ("Works", "Guild", "Labs", "Foundry", "Holdings", "Trading", "Institute", "Press")
 # Template words an invented word must not collide with (it would pollute BM25 and the answers).
 TEMPLATE_WORDS = frozenset(
-    "what is the birthplace of where was born in year profession which company does work for who employer "
-    "favourite colour a an at rival and".split()
+    "what is the birthplace of where was born in year birth profession which company does work for who "
+    "employer favourite colour a an at rival and".split()
     + [s.lower() for s in EMPLOYER_SUFFIXES] + list(PROFESSIONS) + list(COLOURS))
 
+TASK_FORMAT = 2  # bump when the generated files change: sidpt.data.prepare_task regenerates older ones
 ATTRIBUTES = ("birthplace", "birth_year", "profession", "employer", "colour", "rival")
-QUESTION_TEMPLATES = {
-    "birthplace": "What is the birthplace of {name}?",
-    "birth_year": "In what year was {name} born?",
-    "profession": "What is the profession of {name}?",
-    "employer": "Which company does {name} work for?",
-    "colour": "What is the favourite colour of {name}?",
-    "rival": "Who is the rival of {name}?",
+ATTRIBUTE_PHRASES = {
+    "birthplace": "birthplace", "birth_year": "birth year", "profession": "profession",
+    "employer": "employer", "colour": "favourite colour", "rival": "rival",
 }
+QUESTION_TEMPLATES = {a: f"What is the {phrase} of {{name}}?" for a, phrase in ATTRIBUTE_PHRASES.items()}
 
 
 class _Words:
@@ -102,15 +100,16 @@ class _Words:
                 return w
 
 
-def make_entities(n_entities: int, seed: int, name_pool: int = 0) -> list[dict[str, Any]]:
+def make_entities(n_entities: int, seed: int, name_pool: int = 0, n_places: int | None = None) -> list[dict[str, Any]]:
     """``n_entities`` invented people (in namesake pairs), their attributes, and a rival each.
 
     ``name_pool > 0``: first names and surnames come from two pools of that many invented words
     (every full name still unique, namesake pairs share the first name), so each name word recurs
-    across entities, as real names do; 0: every surname is new."""
+    across entities, as real names do; 0: every surname is new. ``n_places``: cities and employers
+    (default ``n_entities // 4``, at least 8)."""
     rng = random.Random(seed)
     words = _Words(rng)
-    n_places = max(8, n_entities // 4)
+    n_places = n_places or max(8, n_entities // 4)
     cities = [words.new(2, 2)[0] for _ in range(n_places)]
     employers = [f"{words.new(2, 2)[0]} {rng.choice(EMPLOYER_SUFFIXES)}" for _ in range(n_places)]
     names: list[str] = []
@@ -149,14 +148,15 @@ def make_entities(n_entities: int, seed: int, name_pool: int = 0) -> list[dict[s
 
 
 def entity_document(p: dict[str, Any]) -> dict[str, str]:
-    """One document per entity. Each fact is stated in the words its question uses ("the
-    birthplace of X is ...", "X was born in <year>", "X works for ..."), so that answering is
-    finding the question's phrase in the result and copying what follows it: a skill a
-    small model can learn in minutes, where paraphrase matching would need far more data."""
+    """One document per entity, every fact in one template, "The <attribute> of <name> is
+    <value>.", the same words its question uses ("What is the <attribute> of <name>?"). Answering
+    is then one skill for every attribute: find the question's phrase in the result and copy what
+    follows it. With a template per attribute ("X was born in 1987", "X works for ...") a small
+    model learned to copy some attributes and never others (0% held-out EM on birth years after
+    400 GRPO steps, measured), and RL drove the unread closed-class ones (colours) to a constant
+    guess."""
     name = p["name"]
-    text = (f"The birthplace of {name} is {p['birthplace']}. {name} was born in {p['birth_year']}. "
-            f"The profession of {name} is {p['profession']}. {name} works for {p['employer']}. "
-            f"The favourite colour of {name} is {p['colour']}. The rival of {name} is {p['rival']}.")
+    text = " ".join(f"The {ATTRIBUTE_PHRASES[a]} of {name} is {p[a]}." for a in ATTRIBUTES)
     return {"id": p["doc_id"], "title": name, "text": text}
 
 
@@ -190,29 +190,45 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0, heldout_frac: float = 0.2,
-                     sft_frac: float = 0.1, name_pool: int = 0) -> dict[str, Path]:
-    """Write the task files (see the module docstring) into ``out_dir``; returns their paths by name."""
+                     sft_frac: float = 0.1, name_pool: int = 0, sft_entities: int = 0) -> dict[str, Path]:
+    """Write the task files (see the module docstring) into ``out_dir``; returns their paths by name.
+
+    ``sft_entities > 0``: the SFT split is that many *extra* entities (in the corpus too, their
+    attribute values from the same pools, so the vocabulary does not grow), with one question
+    each, attributes in turn; ``sft_frac`` is then unused. A warm-start that sees every entity
+    once cannot memorise facts and has to learn to read them."""
     if n_entities < 3:
         raise ValueError(f"n_entities={n_entities}: need at least 3 (one per split)")
-    if not (0 < heldout_frac and 0 < sft_frac and heldout_frac + sft_frac < 1):
+    if sft_entities < 0:
+        raise ValueError(f"sft_entities={sft_entities}: must be >= 0")
+    if sft_entities:
+        sft_frac = 0.0
+    if not (0 < heldout_frac and (0 < sft_frac or sft_entities) and heldout_frac + sft_frac < 1):
         raise ValueError(f"heldout_frac={heldout_frac}, sft_frac={sft_frac}: need both > 0 and a sum < 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    people = make_entities(n_entities, seed, name_pool)
+    people = make_entities(n_entities + sft_entities, seed, name_pool, max(8, n_entities // 4))
     order = list(range(n_entities))
     random.Random(seed + 1).shuffle(order)
     n_held = max(1, round(heldout_frac * n_entities))
-    n_sft = max(1, round(sft_frac * n_entities))
+    n_sft = round(sft_frac * n_entities) and max(1, round(sft_frac * n_entities))
     split = {"heldout": order[:n_held], "sft": order[n_held: n_held + n_sft], "train": order[n_held + n_sft:]}
     paths = {name: out / f"{name}.jsonl" for name in ("corpus", "train", "heldout", "sft")}
     _write_jsonl(paths["corpus"], [entity_document(p) for p in people])
     for name, idx in split.items():
-        _write_jsonl(paths[name], [row for i in sorted(idx) for row in entity_questions(people[i])])
-    meta = {"n_entities": n_entities, "seed": seed, "heldout_frac": heldout_frac, "sft_frac": sft_frac,
-            "name_pool": name_pool,
+        if name == "sft" and sft_entities:
+            rows = [entity_questions(people[i])[(i - n_entities) % len(ATTRIBUTES)]
+                    for i in range(n_entities, n_entities + sft_entities)]
+        else:
+            rows = [row for i in sorted(idx) for row in entity_questions(people[i])]
+        _write_jsonl(paths[name], rows)
+    meta = {"format": TASK_FORMAT, "n_entities": n_entities, "seed": seed, "heldout_frac": heldout_frac,
+            "sft_frac": sft_frac, "name_pool": name_pool, "sft_entities": sft_entities,
             "attributes": list(ATTRIBUTES), **{f"n_{k}_entities": len(v) for k, v in split.items()},
             "heldout_guess_em": guess_baseline([people[i] for i in split["train"]],
                                                [people[i] for i in split["heldout"]])}
+    if sft_entities:
+        meta["n_sft_entities"] = sft_entities
     paths["task"] = out / "task.json"
     paths["task"].write_text(json.dumps(meta, indent=1) + "\n")
     return paths
