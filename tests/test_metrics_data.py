@@ -46,6 +46,8 @@ def test_stale_task_dir_is_regenerated_with_its_tokenizer(tmp_path):
 
     task = prepare_task(tmp_path, n_entities=30, seed=0, is_main=True, sft_frac=0.2)
     task_tokenizer(task, 300, is_main=True, kind="word")
+    vocab = json.loads((tmp_path / "tokenizer-word-300" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert "Question" in vocab and not [w for w in vocab if w.startswith("e000")]  # text, not row ids
     heldout = task["heldout"].read_text()
     mtime = task["corpus"].stat().st_mtime_ns
     prepare_task(tmp_path, n_entities=30, seed=0, is_main=True, sft_frac=0.2)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidpt.env.search import SearchEnvConfig
+from sidpt.env.task import ATTRIBUTES as TASK_ATTRIBUTES
 from sidpt.errors import ConfigError
 
 
@@ -88,6 +89,9 @@ class TaskConfig:
     sft_entities: int = 0
     """Extra entities, one SFT question each, for the SFT split (0: use ``sft_frac``). Seen once
     each, their facts cannot be memorised, so the warm-start learns to read results."""
+    attributes: list[str] = field(default_factory=lambda: list(TASK_ATTRIBUTES))
+    """Attributes a generated task's questions ask about (every document states all six:
+    birthplace, birth_year, profession, employer, colour, rival)."""
     eval_questions: int = 200
     """Held-out questions per evaluation (greedy)."""
     prompt: str = ""
@@ -206,6 +210,10 @@ class Config:
     """The supervised warm-start."""
 
     def validate(self) -> None:
+        bad = [a for a in self.task.attributes if a not in TASK_ATTRIBUTES]
+        if bad or not self.task.attributes or len(set(self.task.attributes)) < len(self.task.attributes):
+            raise ConfigError(f"task.attributes={self.task.attributes}: expected distinct names from "
+                              f"{list(TASK_ATTRIBUTES)}" + (f"; unknown: {bad}" if bad else ""))
         if self.rollout.group_size < 1 or self.rollout.prompts_per_step < 1:
             raise ConfigError("rollout.group_size and rollout.prompts_per_step must be >= 1")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:

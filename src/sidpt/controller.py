@@ -72,7 +72,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
 
     # -- task, tokenizer, model ---------------------------------------------------------------
     task = prepare_task(cfg.task.dir, cfg.task.n_entities, cfg.task.seed, world.is_main, cfg.task.sft_frac,
-                        cfg.task.name_pool, cfg.task.sft_entities)
+                        cfg.task.name_pool, cfg.task.sft_entities, tuple(cfg.task.attributes))
     env_cfg = dataclasses.replace(cfg.env, corpus=cfg.env.corpus or str(task["corpus"]))
     if world.is_main:
         SearchEnv(env_cfg)  # builds the BM25 cache once, before the other ranks read it

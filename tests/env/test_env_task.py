@@ -7,6 +7,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from sidpt.env.bm25 import load_bm25, load_corpus, tokenize
 from sidpt.env.scoring import exact_match
 from sidpt.env.search import SearchEnv, SearchEnvConfig, format_prompt, load_questions
@@ -103,3 +105,38 @@ def test_sft_episodes(task):
     text = format_prompt(eps[0].sample.question) + "".join(t.text for t in eps[0].turns)
     # One <search> in the instruction, one in the turn.
     assert text.count("<search>") == 2 and text.endswith("</answer>")
+
+
+def test_sft_entities_are_extra_and_seen_once(tmp_path):
+    """sft_entities: that many extra entities, one question each (attributes in turn), in the
+    corpus, disjoint from train and held-out; their values come from the main task's pools."""
+    base = make_search_task(tmp_path / "base", 60, seed=2, name_pool=20)
+    paths = make_search_task(tmp_path / "x", 60, seed=2, name_pool=20, sft_entities=48)
+    meta = json.loads(paths["task"].read_text())
+    assert meta["n_sft_entities"] == 48 and meta["sft_frac"] == 0.0 and meta["format"] >= 2
+    sft = load_questions(paths["sft"])
+    assert len(sft) == 48 and len({q.meta["entity"] for q in sft}) == 48
+    assert Counter(q.meta["attribute"] for q in sft) == {a: 8 for a in ATTRIBUTES}
+    ents = {split: {q.meta["entity"] for q in load_questions(paths[split])} for split in ("train", "heldout")}
+    assert not ({q.meta["entity"] for q in sft} & (ents["train"] | ents["heldout"]))
+    assert len(ents["train"]) + len(ents["heldout"]) == 60
+    corpus = {d.id: d for d in load_corpus(paths["corpus"])}
+    assert len(corpus) == 108 and all(q.answers[0] in corpus[q.meta["doc_id"]].text for q in sft)
+    base_places = {q.answers[0] for q in load_questions(base["train"]) if q.meta["attribute"] == "birthplace"}
+    places = {q.answers[0] for q in sft if q.meta["attribute"] == "birthplace"}
+    assert len(places | base_places) <= max(8, 60 // 4)  # the same pool of cities: no new words
+
+
+def test_attributes_choose_the_questions(tmp_path):
+    """task.attributes: questions (train, held-out, SFT) ask only about those; documents still
+    state every attribute."""
+    paths = make_search_task(tmp_path, 40, seed=1, attributes=("rival", "birthplace"))
+    meta = json.loads(paths["task"].read_text())
+    assert meta["attributes"] == ["rival", "birthplace"]
+    for split in ("train", "heldout", "sft"):
+        qs = load_questions(paths[split])
+        assert qs and {q.meta["attribute"] for q in qs} == {"rival", "birthplace"}
+    doc = load_corpus(paths["corpus"])[0]
+    assert " was born in " in doc.text and " works for " in doc.text
+    with pytest.raises(ValueError, match="attributes"):
+        make_search_task(tmp_path / "bad", 40, attributes=("hair",))

@@ -5,9 +5,9 @@
 - ``corpus.jsonl``: one document per entity, ``{"id", "title", "text"}``. Names, cities and
   employers are invented from random syllables (every invented word is unique in the task and
   none is an English word of the templates); professions and colours come from fixed lists.
-  A document reads "The birthplace of Zorvath Kellimar is Quorbin. The birth year of Zorvath
-  Kellimar is 1873. The profession of Zorvath Kellimar is astronomer. ..." (one template for
-  every fact; see ``entity_document``).
+  A document reads "The birthplace of Zorvath Kellimar is Quorbin. Zorvath Kellimar was born in
+  1873. The profession of Zorvath Kellimar is astronomer. Zorvath Kellimar works for Vantrel
+  Works. ..." (see ``entity_document``).
 - Distractors: entities come in pairs of **namesakes** sharing the first name, their surnames one
   syllable apart ("Zorvath Kellimar" / "Zorvath Kellimor"); and every document names another
   entity as a rival, so a search for a name also returns other people's documents with other
@@ -60,13 +60,16 @@ TEMPLATE_WORDS = frozenset(
     "employer favourite colour a an at rival and".split()
     + [s.lower() for s in EMPLOYER_SUFFIXES] + list(PROFESSIONS) + list(COLOURS))
 
-TASK_FORMAT = 2  # bump when the generated files change: sidpt.data.prepare_task regenerates older ones
+TASK_FORMAT = 3  # bump when the generated files change: sidpt.data.prepare_task regenerates older ones
 ATTRIBUTES = ("birthplace", "birth_year", "profession", "employer", "colour", "rival")
-ATTRIBUTE_PHRASES = {
-    "birthplace": "birthplace", "birth_year": "birth year", "profession": "profession",
-    "employer": "employer", "colour": "favourite colour", "rival": "rival",
+QUESTION_TEMPLATES = {
+    "birthplace": "What is the birthplace of {name}?",
+    "birth_year": "In what year was {name} born?",
+    "profession": "What is the profession of {name}?",
+    "employer": "Which company does {name} work for?",
+    "colour": "What is the favourite colour of {name}?",
+    "rival": "Who is the rival of {name}?",
 }
-QUESTION_TEMPLATES = {a: f"What is the {phrase} of {{name}}?" for a, phrase in ATTRIBUTE_PHRASES.items()}
 
 
 class _Words:
@@ -148,21 +151,23 @@ def make_entities(n_entities: int, seed: int, name_pool: int = 0, n_places: int 
 
 
 def entity_document(p: dict[str, Any]) -> dict[str, str]:
-    """One document per entity, every fact in one template, "The <attribute> of <name> is
-    <value>.", the same words its question uses ("What is the <attribute> of <name>?"). Answering
-    is then one skill for every attribute: find the question's phrase in the result and copy what
-    follows it. With a template per attribute ("X was born in 1987", "X works for ...") a small
-    model learned to copy some attributes and never others (0% held-out EM on birth years after
-    400 GRPO steps, measured), and RL drove the unread closed-class ones (colours) to a constant
-    guess."""
+    """One document per entity. Each fact is stated in the words its question uses ("the
+    birthplace of X is ...", "X was born in <year>", "X works for ..."), so that answering is
+    finding the question's phrase in the result and copying what follows it. The sentences differ
+    in shape on purpose: with one template for every fact ("The <attribute> of X is <value>.") a
+    1M-parameter model learned to read two attributes of six (held-out EM 6.5% after SFT, 28%
+    after 300 GRPO steps, measured), and an SFT on 12,800 entities seen once never learned to
+    read at all (loss flat at 0.66 from step 300 to 1500, 3.5% EM)."""
     name = p["name"]
-    text = " ".join(f"The {ATTRIBUTE_PHRASES[a]} of {name} is {p[a]}." for a in ATTRIBUTES)
+    text = (f"The birthplace of {name} is {p['birthplace']}. {name} was born in {p['birth_year']}. "
+            f"The profession of {name} is {p['profession']}. {name} works for {p['employer']}. "
+            f"The favourite colour of {name} is {p['colour']}. The rival of {name} is {p['rival']}.")
     return {"id": p["doc_id"], "title": name, "text": text}
 
 
-def entity_questions(p: dict[str, Any]) -> list[dict[str, Any]]:
+def entity_questions(p: dict[str, Any], attributes: tuple[str, ...] = ATTRIBUTES) -> list[dict[str, Any]]:
     rows = []
-    for attr in ATTRIBUTES:
+    for attr in attributes:
         answers = [p[attr]]
         if attr == "employer":  # "Vantrel Works" or just "Vantrel"
             answers.append(p[attr].split()[0])
@@ -172,15 +177,16 @@ def entity_questions(p: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def guess_baseline(train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> float:
+def guess_baseline(train: list[dict[str, Any]], heldout: list[dict[str, Any]],
+                   attributes: tuple[str, ...] = ATTRIBUTES) -> float:
     """Held-out exact match of a model that never searches and answers each question with the most
     frequent train value of its attribute: the floor that searching has to beat."""
     hits = 0
-    for attr in ATTRIBUTES:
+    for attr in attributes:
         counts = Counter(p[attr] for p in train)
         guess = max(sorted(counts), key=counts.__getitem__)  # sorted: ties break the same way every run
         hits += sum(p[attr] == guess for p in heldout)
-    return round(hits / (len(ATTRIBUTES) * len(heldout)), 6)
+    return round(hits / (len(attributes) * len(heldout)), 6)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -190,13 +196,19 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0, heldout_frac: float = 0.2,
-                     sft_frac: float = 0.1, name_pool: int = 0, sft_entities: int = 0) -> dict[str, Path]:
+                     sft_frac: float = 0.1, name_pool: int = 0, sft_entities: int = 0,
+                     attributes: tuple[str, ...] | list[str] = ATTRIBUTES) -> dict[str, Path]:
     """Write the task files (see the module docstring) into ``out_dir``; returns their paths by name.
 
     ``sft_entities > 0``: the SFT split is that many *extra* entities (in the corpus too, their
     attribute values from the same pools, so the vocabulary does not grow), with one question
     each, attributes in turn; ``sft_frac`` is then unused. A warm-start that sees every entity
-    once cannot memorise facts and has to learn to read them."""
+    once cannot memorise facts and has to learn to read them.
+
+    ``attributes``: the attributes questions ask about (every document states all of them)."""
+    attributes = tuple(attributes)
+    if not attributes or any(a not in ATTRIBUTES for a in attributes) or len(set(attributes)) < len(attributes):
+        raise ValueError(f"attributes={list(attributes)}: expected distinct names from {list(ATTRIBUTES)}")
     if n_entities < 3:
         raise ValueError(f"n_entities={n_entities}: need at least 3 (one per split)")
     if sft_entities < 0:
@@ -217,16 +229,16 @@ def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0,
     _write_jsonl(paths["corpus"], [entity_document(p) for p in people])
     for name, idx in split.items():
         if name == "sft" and sft_entities:
-            rows = [entity_questions(people[i])[(i - n_entities) % len(ATTRIBUTES)]
+            rows = [entity_questions(people[i], attributes)[(i - n_entities) % len(attributes)]
                     for i in range(n_entities, n_entities + sft_entities)]
         else:
-            rows = [row for i in sorted(idx) for row in entity_questions(people[i])]
+            rows = [row for i in sorted(idx) for row in entity_questions(people[i], attributes)]
         _write_jsonl(paths[name], rows)
     meta = {"format": TASK_FORMAT, "n_entities": n_entities, "seed": seed, "heldout_frac": heldout_frac,
             "sft_frac": sft_frac, "name_pool": name_pool, "sft_entities": sft_entities,
-            "attributes": list(ATTRIBUTES), **{f"n_{k}_entities": len(v) for k, v in split.items()},
+            "attributes": list(attributes), **{f"n_{k}_entities": len(v) for k, v in split.items()},
             "heldout_guess_em": guess_baseline([people[i] for i in split["train"]],
-                                               [people[i] for i in split["heldout"]])}
+                                               [people[i] for i in split["heldout"]], attributes)}
     if sft_entities:
         meta["n_sft_entities"] = sft_entities
     paths["task"] = out / "task.json"
