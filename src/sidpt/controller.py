@@ -140,6 +140,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 log.log(step, {"phase_sft": 1.0, **stats})
                 prog.update(task_bar, advance=1, info=f"loss {stats['sft/loss']:.3f}")
         trainer.set_lr(cfg.train.lr)
+        trainer.reset_reference()  # the KL anchor is the warm-started policy, not the random init
         publish(trainer, engine, cfg.train.publish_bucket_mb)
     def evaluate_heldout(name: str) -> dict[str, float]:
         examples: list = []

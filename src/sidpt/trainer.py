@@ -201,6 +201,18 @@ class Trainer:
         self.opt.step()
         return {"train/grad_norm": float(gn)}
 
+    @torch.no_grad()
+    def reset_reference(self) -> None:
+        """Make the frozen reference the policy as it is now (e.g. after an SFT warm-start: the KL
+        anchor of RL is the policy RL starts from, not the weights the trainer was built with).
+        Collective on the trainer mesh, like ``full_weights``."""
+        if self.reference is None:
+            return
+        ref = dict(self.reference.named_parameters())
+        for bucket in self.full_weights():
+            for name, t in bucket.items():
+                ref[name].copy_(t)
+
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
             g["lr"] = lr

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidpt.batch import LOSS_MASK, ROLLOUT_LOGPROBS, TOKENS
+from sidpt.batch import LOSS_MASK, OLD_LOGPROBS, ROLLOUT_LOGPROBS, TOKENS
 from sidpt.data import episode_tensors, prepare_task, task_tokenizer
 from sidpt.env.base import FINISH_CODES, EnvState, Episode, StepResult, Turn
 from sidpt.model import build_model
@@ -214,3 +214,29 @@ def test_training_only_the_signal_rows_is_exact(loss, agg, correction):
             assert abs(full[k] - lean[k]) <= 1e-6 * max(1.0, abs(full[k])), k
     for name, grad in g_full.items():  # the gradients (Adam's first step is about lr * sign(grad))
         torch.testing.assert_close(g_lean[name], grad, atol=1e-7, rtol=1e-5)
+
+
+def test_reference_follows_the_warm_start():
+    """After an SFT step, reset_reference makes the KL anchor the warm-started policy: the first RL
+    step's reference log-probs equal the policy's (KL 0), where the stale reference (the weights
+    the trainer was built with) is far off."""
+    from tensordict import TensorDict
+
+    from sidpt.batch import REF_LOGPROBS, SEQ_LEN
+
+    args = ModelArgs(vocab_size=47)
+    trainer = Trainer(build_model(args, seed=2), OptimConfig(3e-2, 0.0, (0.9, 0.99), 1.0, 4096), reference=True)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 47, (4, 12), generator=g)
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    mask[:, 5:] = True
+    batch = TensorDict({TOKENS: tokens, SEQ_LEN: torch.full((4,), 12), LOSS_MASK: mask}, batch_size=[4])
+    for _ in range(3):
+        trainer.sft_step(batch)
+    stale = trainer.recompute(batch)
+    assert (stale[OLD_LOGPROBS] - stale[REF_LOGPROBS])[mask].abs().max() > 0.1  # SFT moved the policy
+    trainer.reset_reference()
+    fresh = trainer.recompute(batch)
+    assert torch.equal(fresh[OLD_LOGPROBS], fresh[REF_LOGPROBS])
+    for (n, p), (_, r) in zip(trainer.model.named_parameters(), trainer.reference.named_parameters()):
+        assert torch.equal(p, r), n
