@@ -59,3 +59,17 @@ def test_stale_task_dir_is_regenerated_with_its_tokenizer(tmp_path):
     assert task["heldout"].read_text() == heldout  # the held-out split does not depend on sft_frac
     assert len(task["sft"].read_text().splitlines()) == 15 * 6
     assert not (tmp_path / "tokenizer-word-300").exists()
+
+
+def test_a_second_run_keeps_the_first_runs_metrics_apart(tmp_path):
+    import json
+
+    from sidpt.metrics import MetricsLog
+
+    for run in range(3):
+        log = MetricsLog(tmp_path / "metrics.jsonl")
+        log.log(0, {"run": run})
+        log.close()
+    read = lambda p: [json.loads(line)["run"] for line in p.read_text().splitlines()]  # noqa: E731
+    assert read(tmp_path / "metrics.jsonl") == [2.0]
+    assert read(tmp_path / "metrics.1.jsonl") == [0.0] and read(tmp_path / "metrics.2.jsonl") == [1.0]

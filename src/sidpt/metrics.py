@@ -34,7 +34,11 @@ class Timers:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to ``path`` (flushed each line); mirrors to TensorBoard."""
+    """Writes one JSON object per step to ``path`` (flushed each line); mirrors to TensorBoard.
+
+    A run writes a file of its own: an existing non-empty ``path`` (an earlier run under the same
+    name) is kept, renamed ``<stem>.<n><suffix>`` with the first free n, instead of being appended
+    to (two runs in one file read as one) or overwritten (lost)."""
 
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
@@ -42,7 +46,12 @@ class MetricsLog:
         self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a")
+            if self.path.exists() and self.path.stat().st_size > 0:
+                n = 1
+                while (old := self.path.with_name(f"{self.path.stem}.{n}{self.path.suffix}")).exists():
+                    n += 1
+                self.path.rename(old)
+            self.file = open(self.path, "w")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
