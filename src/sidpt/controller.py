@@ -12,7 +12,7 @@
         part      = trainer.recompute(batch[signal])         # old (and ref) logprobs; zero-advantage
         mismatch  = mismatch_metrics(part)                   #   rows skipped (exact), see train.skip_zero_adv
         part      = apply_correction(part)                   # trainer vs engine, every step
-        stats     = trainer.rl_step(part, norm=batch)        # micro-batches, global normalisers
+        stats     = trainer.rl_step(part, norm_mask=batch's) # micro-batches, normalisers on all rows
         publish(trainer -> engine)                           # full-tensor buckets, version += 1
         log(step, ...)
     evaluate, table, reward curve
