@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidpt.env.search import SearchEnvConfig
-from sidpt.env.task import ATTRIBUTES as TASK_ATTRIBUTES
+from sidpt.env.task import ATTRIBUTES as TASK_ATTRIBUTES, check_attributes
 from sidpt.errors import ConfigError
 
 
@@ -210,10 +210,10 @@ class Config:
     """The supervised warm-start."""
 
     def validate(self) -> None:
-        bad = [a for a in self.task.attributes if a not in TASK_ATTRIBUTES]
-        if bad or not self.task.attributes or len(set(self.task.attributes)) < len(self.task.attributes):
-            raise ConfigError(f"task.attributes={self.task.attributes}: expected distinct names from "
-                              f"{list(TASK_ATTRIBUTES)}" + (f"; unknown: {bad}" if bad else ""))
+        try:
+            check_attributes(self.task.attributes)
+        except ValueError as e:
+            raise ConfigError(f"task.{e}") from None
         if self.rollout.group_size < 1 or self.rollout.prompts_per_step < 1:
             raise ConfigError("rollout.group_size and rollout.prompts_per_step must be >= 1")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:

@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REWARD, ROLLOUT_LOGPROBS, SEQ_LEN
+from sidpt.batch import LOSS_MASK, OLD_LOGPROBS, REWARD, ROLLOUT_LOGPROBS, SEQ_LEN
 from sidpt.config import Config, ConfigError, save_config
 from sidpt.data import (
     episode_seed, episode_tensors, prepare_task, sft_batch, spread_questions, step_indices, task_tokenizer,
@@ -52,7 +52,7 @@ from sidpt.model.tokenizer import Tokenizer
 from sidpt.rl import REWEIGHT_ONLY, TRAIN_MASK, apply_correction, compute_advantages, mismatch_metrics
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
 from sidpt.rollout.multiturn import Job, episodes_to_batch, run_episodes
-from sidpt.trainer import OptimConfig, Trainer, loss_free, sequence_logprobs
+from sidpt.trainer import OptimConfig, Trainer, loss_free, sequence_logprobs, signal_rows
 
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
@@ -176,7 +176,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 episodes = run_episodes(engine, env, jobs, params, encode, decode)
                 batch = episodes_to_batch(episodes, FINISH_CODES, tok.pad_id or 0)
             batch = compute_advantages(batch, cfg.algo.advantage, norm_std=cfg.algo.norm_std)  # rewards only
-            keep = batch[ADVANTAGES].abs().sum(-1) > 0  # [B] False: a group with equal rewards
+            keep = signal_rows(batch, LOSS_MASK)  # [B] False: a group with equal rewards
             n_zero = int((~keep).sum())  # this rank's sequences that carry no signal
             if cfg.algo.dynamic_sampling:  # DAPO: no loss on them (they leave the normalisers)
                 batch[LOSS_MASK] = batch[LOSS_MASK] & keep[:, None]

@@ -137,14 +137,14 @@ class Trainer:
         ``norm_mask`` is the TRAIN_MASK that the loss normalisers count (default: ``batch``'s own).
         Pass the whole step's when ``batch`` holds only the trajectories with a nonzero advantage
         (see ``signal_rows``): the others have an exactly-zero gradient, so the step is the same."""
-        mask_for_norm = batch[TRAIN_MASK] if norm_mask is None else norm_mask
-        norm = all_reduce_norm(loss_norm(mask_for_norm, agg, norm_len), device=self.device)
         if batch.batch_size[0] == 0:
             raise ValueError("rl_step: an empty batch (a rank with nothing to train passes loss_free(rows[:1]))")
-        rows = float(batch[TRAIN_MASK].any(-1).sum())
+        mask_for_norm = batch[TRAIN_MASK] if norm_mask is None else norm_mask
+        norm = all_reduce_norm(loss_norm(mask_for_norm, agg, norm_len), device=self.device)
         mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
         self.opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        sums = {"train/seqs": float(batch[TRAIN_MASK].any(-1).sum()),  # trajectories with a loss token
+                "train/entropy_tokens": float(batch[TRAIN_MASK].sum())}
         for mb in mbs:
             mask = mb[TRAIN_MASK] | mb[LOSS_MASK]
             lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True, mask=mask)
@@ -163,8 +163,7 @@ class Trainer:
         stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device)))
         stats["train/tokens"] = norm.num_tokens
         stats["train/micro_batches"] = len(mbs)
-        stats["train/seqs"] = all_reduce_sum([rows], self.device)[0]  # trajectories with a loss token
-        n_tok = all_reduce_sum([float(batch[TRAIN_MASK].sum())], self.device)[0]
+        n_tok = stats.pop("train/entropy_tokens")
         stats["train/entropy"] = stats.pop("train/entropy_sum") / max(n_tok, 1.0)  # token mean, trained tokens
         return stats
 

@@ -20,8 +20,9 @@ closing tag):
   is always accepted. So an episode takes at most ``max_turns + 1`` model turns.
 
 Observations are text; the controller tokenizes them and masks them out of the loss (see
-``sidpt.env.base``). ``info["retrieved"]`` lists the ids of every document shown, in order. Errors are counted per kind in ``info`` (``err_<kind>``, see ``ERROR_KINDS``)
-and in total (``n_errors``); a turn may carry more than one.
+``sidpt.env.base``). ``info["retrieved"]`` lists the ids of every document shown, in order.
+Errors are counted per kind in ``info`` (``err_<kind>``, see ``ERROR_KINDS``) and in total
+(``n_errors``); a turn may carry more than one.
 """
 
 from __future__ import annotations

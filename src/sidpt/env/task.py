@@ -195,6 +195,16 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def check_attributes(attributes) -> tuple[str, ...]:
+    """``attributes`` as a tuple; ValueError unless they are distinct names from ATTRIBUTES."""
+    attributes = tuple(attributes)
+    bad = [a for a in attributes if a not in ATTRIBUTES]
+    if bad or not attributes or len(set(attributes)) < len(attributes):
+        raise ValueError(f"attributes={list(attributes)}: expected distinct names from {list(ATTRIBUTES)}"
+                         + (f"; unknown: {bad}" if bad else ""))
+    return attributes
+
+
 def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0, heldout_frac: float = 0.2,
                      sft_frac: float = 0.1, name_pool: int = 0, sft_entities: int = 0,
                      attributes: tuple[str, ...] | list[str] = ATTRIBUTES) -> dict[str, Path]:
@@ -206,9 +216,7 @@ def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0,
     once cannot memorise facts and has to learn to read them.
 
     ``attributes``: the attributes questions ask about (every document states all of them)."""
-    attributes = tuple(attributes)
-    if not attributes or any(a not in ATTRIBUTES for a in attributes) or len(set(attributes)) < len(attributes):
-        raise ValueError(f"attributes={list(attributes)}: expected distinct names from {list(ATTRIBUTES)}")
+    attributes = check_attributes(attributes)
     if n_entities < 3:
         raise ValueError(f"n_entities={n_entities}: need at least 3 (one per split)")
     if sft_entities < 0:
@@ -223,7 +231,7 @@ def make_search_task(out_dir: str | os.PathLike, n_entities: int, seed: int = 0,
     order = list(range(n_entities))
     random.Random(seed + 1).shuffle(order)
     n_held = max(1, round(heldout_frac * n_entities))
-    n_sft = round(sft_frac * n_entities) and max(1, round(sft_frac * n_entities))
+    n_sft = 0 if sft_entities else max(1, round(sft_frac * n_entities))  # SFT entities from the main pool
     split = {"heldout": order[:n_held], "sft": order[n_held: n_held + n_sft], "train": order[n_held + n_sft:]}
     paths = {name: out / f"{name}.jsonl" for name in ("corpus", "train", "heldout", "sft")}
     _write_jsonl(paths["corpus"], [entity_document(p) for p in people])
