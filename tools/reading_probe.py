@@ -88,7 +88,7 @@ def main() -> None:
     rev = a.order == "reversed"
 
     def fresh(rng: random.Random) -> dict:
-        p = {k: rng.choice(people)[k] for k in (*ATTRIBUTES,)}
+        p = {k: rng.choice(people)[k] for k in ATTRIBUTES}
         return {"doc_id": "fresh", "name": f"{rng.choice(firsts)} {rng.choice(lasts)}", **p}
 
     args = SIZES[a.size]
