@@ -33,15 +33,16 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from sidpt.data import prepare_task, task_tokenizer
+from sidpt.batch import LOSS_MASK, TOKENS
+from sidpt.data import prepare_task, sft_batch, task_tokenizer
 from sidpt.env.bm25 import Doc
 from sidpt.env.search import ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, format_docs, wrap_observation
 from sidpt.env.task import ATTRIBUTES, QUESTION_TEMPLATES, entity_document, make_entities
 from sidpt.model import SIZES, build_model
 
 
-def trajectory(tok, p: dict, attr: str, reverse: bool) -> tuple[list[int], list[float]]:
-    """Ids of one SFT-shaped trajectory and the per-token loss weights; the last id is the answer's first token."""
+def trajectory(tok, p: dict, attr: str, reverse: bool) -> tuple[list[int], list[bool]]:
+    """Ids of one SFT-shaped trajectory and its loss mask; the last id is the answer's first token."""
     text = entity_document(p)["text"]
     if reverse:  # sentences end with ". " and names never hold a period
         text = " ".join(s if s.endswith(".") else s + "." for s in reversed(text.split(". ")))
@@ -49,14 +50,13 @@ def trajectory(tok, p: dict, attr: str, reverse: bool) -> tuple[list[int], list[
     search = tok.encode(f"{p['name']}{SEARCH_CLOSE}")
     obs = tok.encode(wrap_observation(format_docs([(Doc(p["doc_id"], p["name"], text), 0.0)])) + ANSWER_OPEN)
     answer = tok.encode(p[attr])[:1]
-    return prompt + search + obs + answer, [0.0] * len(prompt) + [1.0] * len(search) + [0.0] * len(obs) + [1.0]
+    return prompt + search + obs + answer, [False] * len(prompt) + [True] * len(search) + [False] * len(obs) + [True]
 
 
-def padded(rows: list[tuple[list[int], list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([r + [0] * (n - len(r)) for r, _ in rows])  # [B, T]
-    w = torch.tensor([m + [0.0] * (n - len(m)) for _, m in rows])  # [B, T]
-    return ids, w
+def padded(rows: list[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and [B, T] float loss weights, right-padded (the SFT batch layout)."""
+    batch = sft_batch(rows, pad_id=0)
+    return batch[TOKENS], batch[LOSS_MASK].float()
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(2)
     task = prepare_task(a.task_dir, a.n_entities, 0, True, a.sft_frac, a.name_pool)
     tok = task_tokenizer(task, 0, True, "word")
-    people = make_entities(a.n_entities, 0, a.name_pool, max(8, a.n_entities // 4))  # the corpus's people
+    people = make_entities(a.n_entities, 0, a.name_pool)  # the corpus's people
     by_id = {p["doc_id"]: p for p in people}
     held = [json.loads(line) for line in Path(task["heldout"]).read_text().splitlines()][: a.eval]
     evalset = [(by_id[h["doc_id"]], h["attribute"]) for h in held]
