@@ -255,3 +255,216 @@ def test_static_decode_buckets_match_dynamic_decode():
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
         assert_logprobs_match(model, b)
+
+
+# -- regressions of the review in issue 13 (each failed on the engine before the fix) ----------
+
+def step_until_output(engine, limit=200):
+    """Step until an output appears; a spin (no output within ``limit`` steps) fails the test."""
+    for _ in range(limit):
+        outs = engine.step()
+        if outs:
+            return outs
+    raise AssertionError(f"no output in {limit} steps: {engine.cache.num_free} free blocks, "
+                         f"{ {k: (s.status, s.num_computed, s.seq_len) for k, s in engine.seqs.items()} }")
+
+
+def test_resumed_request_and_half_prefilled_younger_one_do_not_deadlock():
+    """A pauses on its first token and resumes at once with 8 observation tokens while B's prompt is
+    half prefilled: the old scheduler let neither evict the other (12/14 and 6/14 computed, 0 free
+    blocks, step() returned [] forever). Each fits the 6 x 3-slot cache on its own."""
+    tok = CharTokenizer()
+    model = sharp_model(seed=4, vocab=len(tok.alphabet))
+    a, b = [1, 2, 3, 4, 5], list(range(1, 15))
+    first = Engine(model, EngineConfig(block_size=3, num_blocks=6, max_model_len=32)).generate(
+        [Request("a", a, SamplingParams(temperature=0.0, max_new_tokens=1))])[0].tokens[-1]
+    cfg = EngineConfig(block_size=3, num_blocks=6, max_model_len=32, max_prefill_tokens=9)
+    engine = Engine(model, cfg, tokenizer=tok)
+    pa = SamplingParams(temperature=0.0, max_new_tokens=4, stop_strings=(tok.decode([first]),))
+    pb = SamplingParams(temperature=0.0, max_new_tokens=4)
+    engine.submit(Request("A", a, pa))
+    engine.submit(Request("B", b, pb))
+    (out,) = step_until_output(engine)
+    assert out.id == "A" and out.finish_reason == "tool"
+    obs = [6, 7, 8, 9, 10, 11, 12, 13]
+    engine.resume("A", obs)
+    done = {}
+    while len(done) < 2:
+        for o in step_until_output(engine):
+            done[o.id] = o
+    assert engine.cache.num_free == 6 and not engine.seqs
+    # the same requests alone in a large cache give the same tokens
+    ref = Engine(model, EngineConfig(block_size=3, num_blocks=64, max_model_len=32), tokenizer=tok)
+    assert ref.generate([Request("B", b, pb)])[0].tokens == done["B"].tokens
+    ref.submit(Request("A", a, pa))
+    step_until_output(ref)
+    ref.resume("A", obs)
+    assert step_until_output(ref)[0].tokens == done["A"].tokens
+    assert_logprobs_match(model, done["A"])
+
+
+def first_new_char(tok, ids):
+    """(k, text): the first position whose token's text did not occur earlier in ids."""
+    for k, t in enumerate(ids):
+        if k > 0 and tok.decode([t]) not in tok.decode(ids[:k]):
+            return k, tok.decode([t])
+    raise AssertionError("every generated token repeats an earlier one")
+
+
+def test_stop_string_on_the_last_allowed_token_finishes_as_length():
+    """The stop-string test came before the max_new_tokens test: a tool call on the last allowed
+    token paused as "tool", resume() took it, and the request sampled past max_new_tokens."""
+    tok = CharTokenizer()
+    model = sharp_model(seed=4, vocab=len(tok.alphabet))
+    prompt = [1, 2, 3, 4]
+    free = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96)).generate(
+        [Request("p", prompt, SamplingParams(temperature=0.0, max_new_tokens=16))])[0]
+    k, stop = first_new_char(tok, free.tokens[len(prompt):])
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96), tokenizer=tok)
+    engine.submit(Request("r", prompt, SamplingParams(temperature=0.0, max_new_tokens=k + 1, stop_strings=(stop,))))
+    (out,) = step_until_output(engine)
+    assert sum(out.generated) == k + 1 and out.finish_reason == "length" and not engine.seqs
+    # one token more budget: the same token is a tool call; the budget is checked on resume
+    engine.submit(Request("s", prompt, SamplingParams(temperature=0.0, max_new_tokens=k + 2, stop_strings=(stop,))))
+    (out,) = step_until_output(engine)
+    assert out.finish_reason == "tool" and out.stop_string == stop
+    assert engine.max_observation("s") == 96 - len(out.tokens) - 1
+    engine.resume("s", [5, 6])
+    (out,) = step_until_output(engine)
+    assert sum(out.generated) == k + 2 and out.finish_reason == "length"
+
+
+def test_run_episodes_never_exceeds_max_new_tokens_over_turns():
+    """Every turn of a scripted environment answers with an observation; whatever the stops, no
+    episode generates more than max_new_tokens over all its turns (the old engine: 41 of 40)."""
+    from sidpt.rollout.multiturn import Job, run_episodes
+
+    tok = CharTokenizer()
+
+    class Echo:
+        stop_strings = (" ",)
+
+        def reset(self, sample):
+            return {}
+
+        def step(self, state, text):
+            return type("R", (), {"done": False, "observation": "ab", "reward": 0.0, "info": {}})()
+
+        def end(self, state, reason):
+            return type("R", (), {"done": True, "observation": "", "reward": 0.0, "info": {"finish": reason}})()
+
+    model = sharp_model(seed=4, vocab=len(tok.alphabet))
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=200, max_model_len=128), tokenizer=tok)
+    encode = lambda text: [tok.alphabet.index(c) for c in text]  # noqa: E731
+    jobs = [Job(g, 0, None, [1 + g % 9, 2, 3], seed=g) for g in range(24)]
+    eps = run_episodes(engine, Echo(), jobs, SamplingParams(temperature=1.0, max_new_tokens=10), encode, tok.decode)
+    turns = [e.out.tokens.count(0) for e in eps]  # every observation starts with "a" (id 0)
+    assert max(turns) >= 2  # several episodes really were multi-turn
+    assert all(sum(e.out.generated) <= 10 for e in eps), [sum(e.out.generated) for e in eps]
+    assert sum(sum(e.out.generated) == 10 for e in eps) >= 1
+
+
+def test_static_decode_with_one_token_prefill_chunks_matches_dynamic():
+    """One-token prefill chunks (max_prefill_tokens=1) took the padded decode path, which sampled
+    from inside the prompt; they are prefill, not decode, in the outputs and in the counts."""
+    model = sharp_model(seed=11)
+    ps = prompts(5, model.args.vocab_size, seed=13, lo=3, hi=12)
+    outs, stats = {}, {}
+    for static in (False, True):
+        engine = Engine(model, EngineConfig(block_size=4, num_blocks=100, max_model_len=64, max_prefill_tokens=1,
+                                            static_decode=static))
+        outs[static] = engine.generate([Request(i, p, SamplingParams(temperature=1.0, max_new_tokens=5, seed=i))
+                                        for i, p in enumerate(ps)])
+        stats[static] = engine.stats
+    ref = Engine(model, EngineConfig(block_size=4, num_blocks=100, max_model_len=64)).generate(
+        [Request(i, p, SamplingParams(temperature=1.0, max_new_tokens=5, seed=i)) for i, p in enumerate(ps)])
+    for a, b, r in zip(outs[False], outs[True], ref):
+        assert a.tokens == b.tokens == r.tokens
+        assert_logprobs_match(model, b)
+    for st in stats.values():  # every prompt token is prefill, every later token (but the last) decode
+        assert st["prefill_tokens"] == sum(map(len, ps)) and st["decode_tokens"] == len(ps) * 4, st
+
+
+def test_paused_requests_do_not_starve_new_ones():
+    """max_seqs paused requests held every row, so a new request never started; now a paused
+    request's row moves aside (tokens kept off the row, KV blocks kept) and comes back on resume."""
+    tok = CharTokenizer()
+    model = sharp_model(seed=4, vocab=len(tok.alphabet))
+    prompt = [1, 2, 3, 4]
+    free = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96)).generate(
+        [Request("p", prompt, SamplingParams(temperature=0.0, max_new_tokens=16))])[0]
+    k, stop = first_new_char(tok, free.tokens[len(prompt):])
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96, max_seqs=2), tokenizer=tok)
+    params = SamplingParams(temperature=0.0, max_new_tokens=k + 8, stop_strings=(stop,))
+    for rid in ("a", "b"):
+        engine.submit(Request(rid, prompt, params))
+    paused = {}
+    while len(paused) < 2:
+        paused.update((o.id, o) for o in step_until_output(engine))
+    assert set(paused) == {"a", "b"} and all(o.finish_reason == "tool" for o in paused.values())
+    engine.submit(Request("c", [5, 6, 7], SamplingParams(temperature=0.0, max_new_tokens=6)))
+    (c,) = step_until_output(engine)
+    assert c.id == "c" and c.finish_reason == "length" and engine.stats["row_swaps"] >= 1
+    computed = engine.stats["prefill_tokens"]
+    obs = [8, 9, 10]
+    for rid in ("a", "b"):
+        engine.resume(rid, obs)
+    finals = {}
+    while engine.has_work():
+        for o in engine.step():
+            finals[o.id] = o
+            if o.finish_reason == "tool":
+                engine.release(o.id)
+    # the KV cache of both stayed: only the last sampled token and the observation were prefilled
+    assert engine.stats["prefill_tokens"] - computed == 2 * (len(obs) + 1)
+    for rid in ("a", "b"):
+        assert finals[rid].tokens[: len(paused[rid].tokens) + len(obs)] == paused[rid].tokens + obs
+        assert_logprobs_match(model, finals[rid])
+
+
+def test_stop_strings_split_over_byte_tokens_are_found():
+    """A byte-level tokenizer splits a multi-byte character over tokens: no single token's text
+    holds it (the old trigger test never fired) and the old look-back of len(stop) + 2 tokens was
+    shorter than its 6 bytes."""
+    from sidpt.rollout.engine import stop_completed
+
+    class Bytes:
+        vocab_size = 256
+
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stop = "答案"
+    ids = list("x=".encode()) + list(stop.encode())
+    engine = Engine(sharp_model(vocab=256), EngineConfig(block_size=4, num_blocks=8, max_model_len=64),
+                    tokenizer=Bytes())
+    trig = engine._trigger_ids(stop)
+    assert ids[-1] in trig and ord("x") not in trig
+    assert stop_completed(Bytes(), ids, stop)
+    assert not stop_completed(Bytes(), ids[:-1], stop) and not stop_completed(Bytes(), ids + [65], stop)
+
+
+def test_vocabulary_is_decoded_once_per_tokenizer():
+    """The trigger sets came from decoding every vocabulary entry once per stop string (about 150k
+    tokenizer calls each for a real vocabulary)."""
+
+    class Counting(CharTokenizer):
+        calls = 0
+
+        def decode(self, ids):
+            Counting.calls += 1
+            return super().decode(ids)
+
+    tok = Counting()
+    model = sharp_model(vocab=len(tok.alphabet))
+    for _ in range(2):
+        engine = Engine(model, EngineConfig(block_size=4, num_blocks=8, max_model_len=64), tokenizer=tok)
+        for stop in ("</", "a>", "c"):
+            engine.submit(Request(stop, [1, 2], SamplingParams(max_new_tokens=2, stop_strings=(stop,))))
+    assert Counting.calls == tok.vocab_size
+
+
+def test_bad_engine_configs_are_rejected():
+    for key, value in (("block_size", 0), ("max_prefill_tokens", 0), ("max_seqs", 0), ("max_model_len", 1)):
+        with pytest.raises(ValueError, match=f"EngineConfig.{key}={value}"):
+            EngineConfig(**{key: value})

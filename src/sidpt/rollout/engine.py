@@ -8,13 +8,21 @@
                 engine.resume(out.id, observation_ids)             # KV cache kept, no re-prefill
     engine.update_weights([bucket1, bucket2])                      # in place; policy_version += 1
 
-Every step the scheduler (1) makes room for the running requests' next token, preempting the
-youngest request when blocks run out (its blocks are freed; it is recomputed later from its
-tokens, which are kept), then (2) admits waiting requests' prompt tokens up to a token budget.
-The step then runs at most two forwards of the same model: one over every decoding request
-(one token each) and one over the prefilling ones (a chunk of tokens each), and samples a token
-for every request whose known tokens are now all in the cache. No Python loop touches a tensor
-per request: per-request state lives in row-indexed buffers and each step gathers them.
+Every step the scheduler (1) makes room for the running requests' next token, oldest first,
+preempting the youngest request when blocks run out (its blocks are freed; it is recomputed later
+from its tokens, which are kept), then (2) admits waiting requests' prompt (and observation)
+tokens, oldest first, up to a token budget. The step then runs at most two forwards of the same
+model: one over every decoding request (one token each) and one over the prefilling ones (a chunk
+of tokens each), and samples a token for every request whose known tokens are now all in the
+cache. No Python loop touches a tensor per request: per-request state lives in row-indexed
+buffers and each step gathers them.
+
+Progress: every request that ``submit`` and ``resume`` accept fits the cache on its own, and
+every step computes at least one token while any request is not paused. The oldest running
+request may evict every other one; when nothing runs, the oldest waiting request may evict every
+paused request and every younger one and take the rows of paused and younger waiting requests
+(a row is metadata: its contents move to the request and back, its KV blocks stay). ``step``
+raises instead of returning nothing while work is left.
 
 Token-in/token-out: outputs carry token ids, never re-tokenised text. A request that hits one of
 its stop strings pauses (finish_reason "tool") and keeps its row and KV blocks; ``resume``
@@ -24,6 +32,7 @@ appends observation tokens (marked not generated) and prefills only those.
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable
 
@@ -51,6 +60,10 @@ class EngineConfig:
     static_decode: bool = False  # pad decode batches to fixed (batch, context) buckets; on with graphs
 
     def __post_init__(self):
+        for name, lo in (("block_size", 1), ("num_blocks", 0), ("max_seqs", 1), ("max_model_len", 2),
+                         ("max_prefill_tokens", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)}: must be >= {lo}")
         if self.precision != "native" and self.precision.removeprefix("emulated-") not in FORMATS:
             raise ValueError(f"precision={self.precision!r}: native or emulated-{{{', '.join(FORMATS)}}}")
 
@@ -85,7 +98,8 @@ class _Seq:
     seq_len: int = 0  # tokens known (prompt, generated, observations)
     num_computed: int = 0  # tokens whose K/V are in the cache
     n_gen: int = 0  # tokens generated over all turns (the sampling counter)
-    turn_start: int = 0  # first token of the current turn (stop strings are searched from here)
+    turn: list[int] = field(default_factory=list)  # ids generated in the current turn (stop strings)
+    saved: tuple[torch.Tensor, ...] | None = None  # (tokens, logprobs, generated, versions) off a row
 
 
 class Engine:
@@ -125,8 +139,8 @@ class Engine:
         self.policy_version = 0
         self._arrivals = itertools.count()
         self._seed_gen = torch.Generator().manual_seed(config.seed)
-        self._triggers: dict[str, torch.Tensor] = {}  # stop string -> token ids whose text ends it
-        self.stats = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
+        self._triggers: dict[str, frozenset[int]] = {}  # stop string -> ids that can complete it
+        self.stats = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "row_swaps": 0}
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.static_decode = config.static_decode or self.use_graphs
         self._static: dict[tuple[int, int], _StaticDecode] = {}
@@ -156,8 +170,22 @@ class Engine:
         seed = req.params.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
-        P = len(req.prompt)
-        self.seqs[req.id] = _Seq(req, next(self._arrivals), seed, seq_len=P, turn_start=P)
+        for stop in req.params.stop_strings:
+            self._trigger_ids(stop)  # built once per stop string, before the hot loop
+        self.seqs[req.id] = _Seq(req, next(self._arrivals), seed, seq_len=P)
+
+    def max_observation(self, rid: Hashable) -> int:
+        """The longest observation ``resume(rid, ...)`` accepts (-1: it cannot resume at all): room
+        for one more token under ``max_model_len``, and the whole request, the rest of its
+        ``max_new_tokens`` included, still fits the KV cache on its own (so progress holds)."""
+        s = self.seqs.get(rid)
+        if s is None or s.status != PAUSED or s.n_gen >= s.req.params.max_new_tokens:
+            return -1
+        cap, rest = self.cfg.max_model_len, s.req.params.max_new_tokens - s.n_gen
+        room = self.cache.num_blocks * self.cache.block_size  # tokens the whole cache holds
+        by_len = cap - s.seq_len - 1
+        by_cache = by_len if cap <= room else room - s.seq_len - rest
+        return max(min(by_len, by_cache), -1)
 
     def resume(self, rid: Hashable, observation: list[int]) -> None:
         """Append observation tokens (not generated) to a paused request and let it generate again."""
@@ -165,12 +193,25 @@ class Engine:
         if s is None or s.status != PAUSED:
             raise ValueError(f"request {rid!r} is not paused at a tool call")
         n = len(observation)
+        if s.n_gen >= s.req.params.max_new_tokens:
+            raise ValueError(f"request {rid!r}: its max_new_tokens={s.req.params.max_new_tokens} are spent")
         if s.seq_len + n + 1 > self.cfg.max_model_len:
             raise ValueError(f"request {rid!r}: observation of {n} tokens overflows max_model_len")
+        if n > self.max_observation(rid):
+            raise ValueError(f"request {rid!r}: observation of {n} tokens makes the request larger than the "
+                             f"KV cache ({self.cache.num_blocks} blocks of {self.cache.block_size})")
         if n:
-            self.tok_buf[s.row, s.seq_len: s.seq_len + n] = torch.tensor(observation, device=self.device)
+            if min(observation) < 0 or max(observation) >= self.model.args.vocab_size:
+                raise ValueError(f"request {rid!r}: observation ids must lie in [0, {self.model.args.vocab_size})")
+            obs = torch.tensor(observation, device=self.device)
+            if s.row >= 0:
+                self.tok_buf[s.row, s.seq_len: s.seq_len + n] = obs
+            else:
+                tok, lp, gen, ver = s.saved
+                s.saved = (torch.cat([tok, obs]), torch.cat([lp, lp.new_zeros(n)]),
+                           torch.cat([gen, gen.new_zeros(n)]), torch.cat([ver, ver.new_full((n,), -1)]))
         s.seq_len += n
-        s.turn_start = s.seq_len
+        s.turn = []
         s.status = WAITING
 
     def release(self, rid: Hashable) -> None:
@@ -180,9 +221,7 @@ class Engine:
 
     def abort(self, rid: Hashable) -> Output:
         s = self.seqs[rid]
-        out = self._output(s, "abort") if s.row >= 0 else Output(
-            rid, list(s.req.prompt), len(s.req.prompt), [0.0] * s.seq_len, [False] * s.seq_len,
-            [-1] * s.seq_len, "abort")
+        out = self._output(s, "abort")
         self.release(rid)
         return out
 
@@ -228,82 +267,109 @@ class Engine:
     def step(self) -> list[Output]:
         """One scheduling round and up to two forwards; returns requests that finished or paused."""
         decode, prefill = self._schedule()
+        if not decode and not prefill and self.has_work():  # the scheduler guarantees this never happens
+            state = {k: (s.status, s.num_computed, s.seq_len, len(s.blocks)) for k, s in self.seqs.items()}
+            raise RuntimeError(f"engine made no progress: {self.cache.num_free} free blocks, {state}")
         outs: list[Output] = []
         if decode:
-            outs += self._run(decode, [1] * len(decode))
+            outs += self._run(decode, [1] * len(decode), is_decode=True)
         if prefill:
-            outs += self._run([s for s, _ in prefill], [n for _, n in prefill])
+            outs += self._run([s for s, _ in prefill], [n for _, n in prefill], is_decode=False)
         self.stats["steps"] += 1
         return outs
 
     def _schedule(self) -> tuple[list[_Seq], list[tuple[_Seq, int]]]:
-        bs = self.cache.block_size
+        """(decode: running requests with room for one more token, prefill: (request, chunk length)).
+
+        Priority is arrival order (oldest first). Rules, and why:
+        - a running request short of blocks evicts paused requests (idle) first, then the
+          youngest request younger than itself; with none left it waits itself;
+        - admission keeps one free block per decoding request and, while anything else runs this
+          step, evicts only paused requests younger than the newcomer: admitting into the last free
+          blocks only got the newcomer preempted by the next decode step and recomputed
+          (tools/bench_rollout.py --thrash, cache = 1/3 of the demand: 65 -> 4 preemptions,
+          prefill 1.55x -> 1.07x the ideal);
+        - when nothing else runs, the oldest waiting request evicts every paused request and every
+          younger one that holds blocks, then computes what fits: it fits alone (``submit`` and
+          ``resume`` check), so the step makes progress (a younger request half-prefilled while an
+          older one resumed had deadlocked the old scheduler: both waiting, 0 free blocks)."""
         running = sorted((s for s in self.seqs.values() if s.status == RUNNING), key=lambda s: s.arrival)
         decode = []
         while running:
             s = running.pop(0)
             need = self.cache.blocks_for(s.seq_len) - len(s.blocks)
-            while need > self.cache.num_free:
-                victim = self._victim(younger_than=s)
-                if victim is None:
-                    break
-                if victim in running:
-                    running.remove(victim)
-                self._preempt(victim)
+            while need > self.cache.num_free and (v := self._victim(s, decode, paused_any_age=True,
+                                                                    younger=True)) is not None:
+                if v in running:
+                    running.remove(v)
+                self._preempt(v)
             if need > self.cache.num_free:
                 self._preempt(s)  # nothing left to evict: s itself waits
                 continue
             self._grow(s, need)
             decode.append(s)
-        # Admit prompt (and observation) tokens, oldest first, within the token budget, keeping one
-        # free block per decoding request: admitting into the last free blocks only gets the new
-        # request preempted by the next decode step and recomputed (tools/bench_rollout.py --thrash,
-        # cache = 1/3 of the demand: 65 -> 4 preemptions, prefill 1.55x -> 1.07x the ideal).
         budget = self.cfg.max_prefill_tokens
         reserve = len(decode)
-        prefill = []
+        prefill: list[tuple[_Seq, int]] = []
         for s in sorted((s for s in self.seqs.values() if s.status == WAITING), key=lambda s: s.arrival):
             if budget <= 0:
                 break
-            if s.row < 0:
-                if not self.free_rows:
-                    break
-                self._assign_row(s)
+            alone = not decode and not prefill  # nothing else runs this step: s must make progress
+            if s.row < 0 and not self._take_row(s, [*decode, *(p for p, _ in prefill)]):
+                break
             n = min(s.seq_len - s.num_computed, budget)
             need = self.cache.blocks_for(s.num_computed + n) - len(s.blocks)
-            # idle (paused) requests younger than s give their blocks back first
-            while need + reserve > self.cache.num_free and (v := self._victim(None, arrived_after=s)) is not None:
+            while need + reserve > self.cache.num_free and (v := self._victim(
+                    s, [], paused_any_age=alone, younger=alone)) is not None:
                 self._preempt(v)
             if need + reserve > self.cache.num_free:
-                if decode or prefill:
+                if not alone:
                     break  # wait for running requests to finish rather than thrash
-                n = (len(s.blocks) + self.cache.num_free) * bs - s.num_computed  # nothing runs: what fits
-                if n <= 0:
-                    break
+                n = (len(s.blocks) + self.cache.num_free) * self.cache.block_size - s.num_computed
                 need = self.cache.blocks_for(s.num_computed + n) - len(s.blocks)
             self._grow(s, need)
             prefill.append((s, n))
             budget -= n
         return decode, prefill
 
-    def _victim(self, younger_than: _Seq | None, arrived_after: _Seq | None = None) -> _Seq | None:
-        """Whose blocks to free: a paused request (idle) first, then the youngest running or
-        prefilling request younger than ``younger_than`` (None: paused requests only).
-        ``arrived_after``: only paused requests that arrived after it."""
-        paused = [s for s in self.seqs.values() if s.status == PAUSED and s.blocks
-                  and (arrived_after is None or s.arrival > arrived_after.arrival)]
+    def _victim(self, s: _Seq, scheduled: list[_Seq], paused_any_age: bool, younger: bool) -> _Seq | None:
+        """Whose blocks to free for s: the youngest paused request (idle; any age, or only those
+        younger than s), else with ``younger`` the youngest request younger than s, else None.
+        Requests in ``scheduled`` (already given room this step) are never chosen."""
+        held = [v for v in self.seqs.values() if v.blocks and v is not s and v not in scheduled]
+        paused = [v for v in held if v.status == PAUSED and (paused_any_age or v.arrival > s.arrival)]
         if paused:
-            return max(paused, key=lambda s: s.arrival)
-        if younger_than is None:
-            return None
-        pool = [s for s in self.seqs.values() if s.blocks and s.arrival > younger_than.arrival]
-        return max(pool, key=lambda s: s.arrival) if pool else None
+            return max(paused, key=lambda v: v.arrival)
+        pool = [v for v in held if younger and v.arrival > s.arrival]
+        return max(pool, key=lambda v: v.arrival) if pool else None
+
+    def _take_row(self, s: _Seq, scheduled: list[_Seq]) -> bool:
+        """Give s a row: a free one, else the row of the youngest paused request, else of the youngest
+        younger waiting request (not scheduled this step). The evicted request keeps its tokens and
+        KV blocks off the row (``saved``) and gets a row back when it is next admitted."""
+        if not self.free_rows:
+            cands = [v for v in self.seqs.values() if v.row >= 0 and v not in scheduled
+                     and (v.status == PAUSED or (v.status == WAITING and v.arrival > s.arrival))]
+            if not cands:
+                return False
+            v = max(cands, key=lambda v: (v.status == PAUSED, v.arrival))
+            n = v.seq_len
+            r = v.row
+            v.saved = (self.tok_buf[r, :n].clone(), self.lp_buf[r, :n].clone(), self.gen_buf[r, :n].clone(),
+                       self.ver_buf[r, :n].clone())
+            self.block_table[r].fill_(self.cache.scratch_block)
+            self.free_rows.append(r)
+            v.row = -1
+            self.stats["row_swaps"] += 1
+        self._assign_row(s)
+        return True
 
     def _preempt(self, s: _Seq) -> None:
-        """Free s's blocks; it keeps its row and tokens and is recomputed when readmitted."""
+        """Free s's blocks; it keeps its tokens and is recomputed when readmitted."""
         self.cache.release(s.blocks)
         s.blocks = []
-        self.block_table[s.row].fill_(self.cache.scratch_block)
+        if s.row >= 0:
+            self.block_table[s.row].fill_(self.cache.scratch_block)
         s.num_computed = 0
         if s.status == RUNNING:
             s.status = WAITING
@@ -320,11 +386,19 @@ class Engine:
     def _assign_row(self, s: _Seq) -> None:
         r = s.row = self.free_rows.pop()
         p = s.req.params
-        P = len(s.req.prompt)
-        self.tok_buf[r, :P] = torch.tensor(s.req.prompt, device=self.device)
         self.lp_buf[r].zero_()
         self.gen_buf[r].zero_()
         self.ver_buf[r].fill_(-1)
+        if s.saved is None:
+            P = len(s.req.prompt)
+            self.tok_buf[r, :P] = torch.tensor(s.req.prompt, device=self.device)
+        else:  # back from a row swap: its tokens, logprobs, flags, versions and blocks
+            n = s.seq_len
+            tok, lp, gen, ver = s.saved
+            self.tok_buf[r, :n], self.lp_buf[r, :n], self.gen_buf[r, :n], self.ver_buf[r, :n] = tok, lp, gen, ver
+            if s.blocks:
+                self.block_table[r, : len(s.blocks)] = torch.tensor(s.blocks, device=self.device)
+            s.saved = None
         self.temperature[r], self.top_k[r], self.top_p[r], self.seeds[r] = p.temperature, p.top_k, p.top_p, s.seed
         self.stop_ids[r].fill_(-1)
         if p.stop_token_ids:
@@ -338,9 +412,13 @@ class Engine:
             self.block_table[s.row].fill_(self.cache.scratch_block)
             self.free_rows.append(s.row)
             s.row = -1
+        s.saved = None
 
-    def _run(self, seqs: list[_Seq], ns: list[int]) -> list[Output]:
-        """Compute tokens [num_computed, num_computed + n) of each seq; sample where the seq is complete."""
+    def _run(self, seqs: list[_Seq], ns: list[int], is_decode: bool) -> list[Output]:
+        """Compute tokens [num_computed, num_computed + n) of each seq; sample where the seq is complete.
+
+        ``is_decode``: the running requests' one-token steps (the padded static path may take them);
+        a one-token prefill chunk is not a decode step: it may stop short of the sequence's end."""
         dev = self.device
         rows = torch.tensor([s.row for s in seqs], device=dev)
         starts = [s.num_computed for s in seqs]
@@ -350,8 +428,8 @@ class Engine:
         for s, n in zip(seqs, ns):
             s.num_computed += n
             s.status = RUNNING if s.num_computed == s.seq_len else WAITING
-        self.stats["decode_tokens" if Tq == 1 else "prefill_tokens"] += sum(ns)
-        if Tq == 1 and self.static_decode:
+        self.stats["decode_tokens" if is_decode else "prefill_tokens"] += sum(ns)
+        if is_decode and self.static_decode:
             logits = self._decode_static(rows, start, max(starts) + 1)  # [B, V]
             idx = list(range(len(seqs)))
         else:
@@ -375,18 +453,19 @@ class Engine:
         self.gen_buf[rows, pos] = True
         self.ver_buf[rows, pos] = self.policy_version
         is_stop = (self.stop_ids[rows] == tok[:, None]).any(-1)  # [b]
-        tok_list, stop_list = tok.tolist(), is_stop.tolist()
+        tok_list, stop_list = tok.tolist(), is_stop.tolist()  # the step's one device sync
         outs = []
         for s, t, stop in zip(sseqs, tok_list, stop_list):
             s.seq_len += 1
             s.n_gen += 1
+            s.turn.append(t)
             reason, stop_str = None, None
             if stop:
                 reason = "stop"
+            elif s.n_gen >= s.req.params.max_new_tokens or s.seq_len >= self.cfg.max_model_len:
+                reason = "length"  # before stop strings: a tool call on the last allowed token cannot resume
             elif s.req.params.stop_strings and (stop_str := self._stop_string(s, t)) is not None:
                 reason = "tool"
-            elif s.n_gen >= s.req.params.max_new_tokens or s.seq_len >= self.cfg.max_model_len:
-                reason = "length"
             if reason is not None:
                 outs.append(self._finish(s, reason, stop_str))
         return outs
@@ -434,34 +513,56 @@ class Engine:
 
     def _output(self, s: _Seq, reason: str, stop_str: str | None = None) -> Output:
         r, n = s.row, s.seq_len
-        return Output(
-            id=s.req.id, tokens=self.tok_buf[r, :n].tolist(), prompt_len=len(s.req.prompt),
-            logprobs=self.lp_buf[r, :n].tolist(), generated=self.gen_buf[r, :n].tolist(),
-            versions=self.ver_buf[r, :n].tolist(), finish_reason=reason, stop_string=stop_str)
+        if r >= 0:
+            tok, lp, gen, ver = self.tok_buf[r, :n], self.lp_buf[r, :n], self.gen_buf[r, :n], self.ver_buf[r, :n]
+        elif s.saved is not None:
+            tok, lp, gen, ver = s.saved
+        else:  # never admitted
+            tok, lp = torch.tensor(s.req.prompt), torch.zeros(n)
+            gen, ver = torch.zeros(n, dtype=torch.bool), torch.full((n,), -1)
+        return Output(id=s.req.id, tokens=tok.tolist(), prompt_len=len(s.req.prompt), logprobs=lp.tolist(),
+                      generated=gen.tolist(), versions=ver.tolist(), finish_reason=reason, stop_string=stop_str)
 
     # -- stop strings ---------------------------------------------------------------------------
 
-    def _trigger_ids(self, stop: str) -> torch.Tensor:
-        """Token ids whose text contains the stop string's last character (candidates to end it)."""
+    def _trigger_ids(self, stop: str) -> frozenset[int]:
+        """Token ids that can complete the stop string: their text holds its last character, or an
+        incomplete UTF-8 sequence (a byte-level token may carry part of a multi-byte character)."""
         if stop not in self._triggers:
+            texts = vocab_texts(self.tokenizer, min(self.model.args.vocab_size, self.tokenizer.vocab_size))
             last = stop[-1]
-            V = self.model.args.vocab_size
-            n = min(V, self.tokenizer.vocab_size)
-            self._triggers[stop] = torch.tensor([i for i in range(n) if last in self.tokenizer.decode([i])],
-                                                dtype=torch.int64)
+            self._triggers[stop] = frozenset(i for i, t in enumerate(texts) if last in t or "\ufffd" in t)
         return self._triggers[stop]
 
     def _stop_string(self, s: _Seq, token: int) -> str | None:
+        """The stop string that the newest token completes, searched in this turn's generated text
+        (decoded whole, so multi-byte characters split over tokens are matched), or None. Python
+        lists only: no tensor is read per request."""
         for stop in s.req.params.stop_strings:
-            trig = self._trigger_ids(stop)
-            if not bool((trig == token).any()):
-                continue
-            # only this turn's generated text counts, and the stop must end inside the newest token
-            lo = max(s.turn_start, s.seq_len - len(stop) - 2)
-            ids = self.tok_buf[s.row, lo: s.seq_len].tolist()
-            if stop in self.tokenizer.decode(ids) and stop not in self.tokenizer.decode(ids[:-1]):
+            if token in self._triggers[stop] and stop_completed(self.tokenizer, s.turn, stop):
                 return stop
         return None
+
+
+def stop_completed(tokenizer, ids: list[int], stop: str) -> bool:
+    """Whether the text of ``ids`` contains ``stop`` and the text without the last id does not."""
+    return stop in tokenizer.decode(ids) and stop not in tokenizer.decode(ids[:-1])
+
+
+_VOCAB_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def vocab_texts(tokenizer, n: int) -> list[str]:
+    """The text of each of the first ``n`` token ids, decoded once per tokenizer (a real vocabulary
+    is ~150k decode calls: once, not once per stop string and engine)."""
+    texts = _VOCAB_TEXTS.get(tokenizer)
+    if texts is None or len(texts) < n:
+        texts = [tokenizer.decode([i]) for i in range(n)]
+        try:
+            _VOCAB_TEXTS[tokenizer] = texts
+        except TypeError:  # not weak-referenceable: no cache
+            pass
+    return texts[:n]
 
 
 class _StaticDecode:

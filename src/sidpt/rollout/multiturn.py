@@ -53,14 +53,15 @@ def run_episodes(engine: Engine, env, jobs: list[Job], params: SamplingParams,
         turn_start[key] = len(j.prompt_ids)
         p = SamplingParams(**{**params.__dict__, "stop_strings": tuple(env.stop_strings), "seed": j.seed})
         engine.submit(Request(key, j.prompt_ids, p))
-    cap = engine.cfg.max_model_len
     while engine.has_work():
         for out in engine.step():
             key = out.id
             res = env.step(states[key], decode(out.tokens[turn_start[key]:]))
             if not res.done:
                 obs = encode(res.observation)
-                if out.finish_reason == "tool" and len(out.tokens) + len(obs) + 1 < cap:
+                # the episode ends as "length" when the observation would not leave room to answer
+                # (max_model_len, the cache, or max_new_tokens spent: then the engine said "length")
+                if out.finish_reason == "tool" and len(obs) <= engine.max_observation(key):
                     engine.resume(key, obs)
                     turn_start[key] = len(out.tokens) + len(obs)
                     continue
