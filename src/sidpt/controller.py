@@ -57,8 +57,7 @@ from sidpt.trainer import OptimConfig, Trainer, loss_free, sequence_logprobs, si
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
     world = init_world()
-    torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get(
-        "LOCAL_WORLD_SIZE", world.world_size))))
+    threads = set_threads(cfg.run.threads, int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)))
     plan = build_plan(world, cfg.run.placement, cfg.run.rollout_ranks)
     if plan.placement != "colocated":
         raise ConfigError("run.placement='disaggregated': the async pipeline is not built yet; use 'colocated'")
@@ -94,6 +93,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     args = policy.args
     console.print(f"[bold]sidpt[/] {world.world_size} rank(s), {plan.placement}; model {args.family} "
                   f"{count_params(policy) / 1e6:.2f}M params, vocab {args.vocab_size}; run dir {run_dir}")
+    console.print(threads_note(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))))
 
     with torch.device("meta"):
         engine_model = Transformer(args)
@@ -228,6 +228,28 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     log.close()
     shutdown()
     return results
+
+
+def set_threads(threads: int, local_ranks: int) -> int:
+    """torch threads per rank: ``run.threads``, or the cores this process may run on (its CPU
+    affinity, which SLURM and taskset set; not every core of the machine) over the local ranks."""
+    if not threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // local_ranks)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def threads_note(threads: int, local_ranks: int) -> str:
+    """The thread choice, and a warning when the load average says other jobs are using the cores:
+    torch on busy cores slows down 20-80x (../shared/ENVIRONMENT.md), and the knob is run.threads."""
+    note = f"torch threads per rank: {threads} (run.threads)"
+    if hasattr(os, "getloadavg") and hasattr(os, "sched_getaffinity"):
+        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+        if load > 0.5 and threads * local_ranks > max(1, round(cores - load)):
+            note += (f"; [yellow]load average {load:.1f} on {cores} cores: if other jobs share them, "
+                     f"--run.threads=1 can be many times faster[/]")
+    return note
 
 
 def publish(trainer: Trainer, engine: Engine, bucket_mb: float, version: int | None = None) -> int:
