@@ -98,3 +98,94 @@ def test_every_field_is_documented():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     assert isinstance(load_config(path), Config)
+
+
+# -- issue 14, item 6: every value that can be checked is checked at load, naming the key ---------
+
+@pytest.mark.parametrize("override, match", [
+    ("--algo.correction=bogus", r"algo.correction: expected one of 'none', .* got 'bogus'"),
+    ("--rollout.precision=bogus", r"rollout.precision: expected one of 'native', .* got 'bogus'"),
+    ("--rollout.max_new_tokens=0", r"rollout.max_new_tokens=0: must be >= 1"),
+    ("--sft.batch_size=0", r"sft.batch_size=0: must be >= 1"),
+    ("--run.steps=-1", r"run.steps=-1: must be >= 0"),
+    ("--rollout.group_size=1", r"rollout.group_size=1: algo.advantage='grpo' compares the samples of a group"),
+    ("--train.lr=0", r"train.lr=0.0: must be > 0"),
+    ("--rollout.top_p=1.5", r"rollout.top_p=1.5: must be in \(0, 1\]"),
+    ("--rollout.temperature=-1", r"rollout.temperature=-1.0: must be >= 0"),
+])
+def test_bad_values_fail_at_load_naming_the_key(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(ROOT / "configs" / "debug.toml", [override])
+
+
+def test_group_of_one_is_fine_with_a_batch_baseline():
+    cfg = load_config(ROOT / "configs" / "debug.toml", ["--rollout.group_size=1", "--algo.advantage=reinforce_pp"])
+    assert cfg.rollout.group_size == 1
+
+
+def test_choice_lists_equal_the_roles_own():
+    """config.py lists the choices itself (it imports nothing of the roles); they must not drift."""
+    from sidpt.config import AlgoConfig, RolloutConfig
+    from sidpt.rl.correction import CORRECTION_MODES
+    from sidpt.rollout.precision import FORMATS
+
+    hints = typing.get_type_hints(AlgoConfig)
+    assert typing.get_args(hints["correction"]) == CORRECTION_MODES
+    prec = typing.get_args(typing.get_type_hints(RolloutConfig)["precision"])
+    assert prec == ("native", *(f"emulated-{f}" for f in FORMATS))
+
+
+def test_config_path_that_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a TOML config file"):
+        load_config(tmp_path)
+    blob = tmp_path / "w.bin"
+    blob.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ConfigError, match="w.bin: not a TOML config file"):
+        load_config(blob)
+
+
+def test_main_prints_one_line_for_user_errors(tmp_path, capsys):
+    from sidpt.__main__ import main
+
+    assert main(["--run.steps=1"]) == 2  # no config file: not the built-in defaults
+    assert "the first argument must be a config file" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a directory" in err
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path):
+    from sidpt.env.bm25 import CorpusError, load_corpus
+    from sidpt.env.search import DataError, load_questions
+
+    q = tmp_path / "train.jsonl"
+    q.write_bytes(b'{"question": "a?", "answers": ["b"]}\n{"question": "caf\xe9?", "answers": ["b"]}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_questions(q)
+    c = tmp_path / "corpus.jsonl"
+    c.write_bytes(b'{"id": "1", "contents": "x"}\n\n{"id": "2", "contents": "\xff"}\n')
+    with pytest.raises(CorpusError, match=r"corpus.jsonl:3: not UTF-8 text"):
+        load_corpus(c)
+
+
+def test_questions_longer_than_max_model_len_are_named_or_skipped(tmp_path):
+    from sidpt.data import fit_questions
+    from sidpt.env.search import load_questions
+
+    q = tmp_path / "heldout.jsonl"
+    q.write_text('{"id": "q1", "question": "short", "answers": ["a"]}\n'
+                 '{"id": "q2", "question": "long long long", "answers": ["a"]}\n')
+    qs = load_questions(q)
+    with pytest.raises(ConfigError, match=r"heldout.jsonl:2: question 'q2' has a prompt of 30 tokens.*max_model_len=20"):
+        fit_questions(qs, [10, 30], 20, "error", str(q))
+    kept, n_out = fit_questions(qs, [10, 30], 20, "skip", str(q))
+    assert [k.id for k in kept] == ["q1"] and n_out == 1
+
+
+def test_tokenizer_larger_than_the_model_is_refused():
+    from sidpt.controller import check_vocab
+
+    check_vocab(49152, 49152, "ckpt")
+    check_vocab(49152, 49280, "ckpt")  # padded embedding rows
+    with pytest.raises(ConfigError, match=r"model.path='ckpt': its tokenizer has 50000 tokens, the model's embedding only 49152"):
+        check_vocab(50000, 49152, "ckpt")

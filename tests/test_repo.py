@@ -1,5 +1,6 @@
 """The repository's promises to a new user: the README's test command is what CI runs, and the entry works."""
 
+import json
 import re
 import subprocess
 import sys
@@ -29,8 +30,12 @@ def test_entry_validates_config_and_writes_it(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "t" / "config.toml").read_text().count("[run]") == 1
     assert "held-out search questions" in out.stdout and "exact match" in out.stdout
-    rows = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"reward/mean"' in r for r in rows) == 2  # one row per RL step of debug.toml
+    rows = [json.loads(r) for r in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in rows if "reward/mean" in r]
+    assert len(rl) == 4  # one row per RL step of debug.toml
+    # the debug recipe trains: some RL step reaches the policy-gradient update (issue 14, item 7)
+    assert any(r["train/seqs"] > 0 and r["train/grad_norm"] > 0 for r in rl), [
+        (r["reward/mean"], r["train/seqs"], r["train/grad_norm"]) for r in rl]
     assert (tmp_path / "t" / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), "--model.szie=6M"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -5,6 +5,8 @@ runs the controller: task -> SFT warm-start (optional) -> RL -> evaluation table
 """
 
 import sys
+import traceback
+from pathlib import Path
 
 from sidpt.config import ConfigError, help_text, load_config
 
@@ -15,18 +17,30 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print(help_text())
         return 0 if argv else 2
-    path, overrides = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
+    if argv[0].startswith("--"):
+        print(f"config error: the first argument must be a config file (e.g. configs/debug.toml), got "
+              f"{argv[0]!r}; the built-in defaults are not a recipe", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(path, overrides)
+        cfg = load_config(argv[0], argv[1:])
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from sidpt.controller import run
+    from sidpt.env.bm25 import CorpusError
+    from sidpt.env.search import DataError
+    from sidpt.model.hf_io import CheckpointError
+    from sidpt.model.tokenizer import TokenizerError
 
     try:
         run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CorpusError, CheckpointError, TokenizerError) as e:
+        # a user's mistake: one line naming the culprit; the traceback goes to the run's error.log
+        log = Path(cfg.run.out_dir) / cfg.run.name / "error.log"
+        if log.parent.is_dir():
+            log.write_text(traceback.format_exc())
+        kind = "config error" if isinstance(e, ConfigError) else f"{type(e).__name__}"
+        print(f"{kind}: {e}" + (f" (traceback: {log})" if log.exists() else ""), file=sys.stderr)
         return 2
     return 0
 

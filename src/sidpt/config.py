@@ -104,6 +104,10 @@ class TaskConfig:
     ``tokenizer_config.json``), ending with the assistant header; False: raw text."""
     system: str = ""
     """System message before the user message when ``chat`` is set (empty: none)."""
+    too_long: Literal["error", "skip"] = "error"
+    """A train or held-out question whose prompt leaves no room to generate under
+    ``rollout.max_model_len``: stop before the run with its file, line and id (error), or leave it
+    out and report how many were left out (skip)."""
 
 
 @dataclass
@@ -126,7 +130,7 @@ class RolloutConfig:
     """Tokens per KV-cache block."""
     kv_cache_mb: float = 256.0
     """KV cache size per rank."""
-    precision: str = "native"
+    precision: Literal["native", "emulated-bf16", "emulated-fp16", "emulated-fp8"] = "native"
     """Engine precision: native, or emulated-bf16 / emulated-fp16 / emulated-fp8 on an fp32 model."""
 
 
@@ -148,8 +152,9 @@ class AlgoConfig:
     """KL-to-reference coefficient in the loss (0: no reference model)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
-    correction: str = "none"
-    """Trainer-inference mismatch correction (sidpt.rl.correction.CORRECTION_MODES)."""
+    correction: Literal["none", "token-tis", "token-mis", "seq-tis", "seq-mis", "geo-mis", "icepop", "k3-rs"] = "none"
+    """Trainer-inference mismatch correction (sidpt.rl.correction.CORRECTION_MODES; a test keeps the
+    two lists equal, so that this module imports nothing of the roles)."""
     correction_form: Literal["decoupled", "bypass"] = "decoupled"
     """decoupled: PPO ratio against the trainer's recompute; bypass: against the engine's logprobs."""
     dynamic_sampling: bool = False
@@ -213,15 +218,48 @@ class Config:
     """The supervised warm-start."""
 
     def validate(self) -> None:
+        """Every value that can be checked before the run starts (the rest: at start-up, in the
+        controller, before any training). Errors name the key."""
         try:
             check_attributes(self.task.attributes)
         except ValueError as e:
             raise ConfigError(f"task.{e}") from None
-        if self.rollout.group_size < 1 or self.rollout.prompts_per_step < 1:
-            raise ConfigError("rollout.group_size and rollout.prompts_per_step must be >= 1")
+        r = self
+        for key, lo in RANGES.items():
+            section, name = key.split(".")
+            v = getattr(getattr(r, section), name)
+            if v < lo or (key in POSITIVE and v <= lo):
+                raise ConfigError(f"{key}={v}: must be {'>' if key in POSITIVE else '>='} {lo}")
+        if not 0 < self.rollout.top_p <= 1:
+            raise ConfigError(f"rollout.top_p={self.rollout.top_p}: must be in (0, 1]")
+        if self.rollout.group_size < 2 and self.algo.advantage in GROUP_BASELINES:
+            raise ConfigError(f"rollout.group_size={self.rollout.group_size}: algo.advantage="
+                              f"{self.algo.advantage!r} compares the samples of a group, so a group of one "
+                              f"carries no signal; use >= 2 (or algo.advantage='reinforce_pp')")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ConfigError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be < "
                               f"rollout.max_model_len={self.rollout.max_model_len}")
+        if self.rollout.precision != "native" and self.model.dtype != "float32":
+            raise ConfigError(f"rollout.precision={self.rollout.precision!r} emulates on a float32 model; "
+                              f"model.dtype={self.model.dtype!r}")
+        if self.algo.eps_low >= 1:
+            raise ConfigError(f"algo.eps_low={self.algo.eps_low}: must be < 1 (the ratio's lower clip is 1 - eps_low)")
+
+
+# Lower bounds (inclusive unless in POSITIVE) of the numeric fields that have one.
+RANGES = {
+    "run.steps": 0, "run.eval_every": 0, "run.threads": 0, "run.rollout_ranks": 0,
+    "model.vocab_size": 0, "task.n_entities": 1, "task.name_pool": 0, "task.sft_frac": 0.0,
+    "task.sft_entities": 0, "task.eval_questions": 1, "rollout.prompts_per_step": 1, "rollout.group_size": 1,
+    "rollout.max_new_tokens": 1, "rollout.max_model_len": 2, "rollout.temperature": 0.0, "rollout.top_k": 0,
+    "rollout.block_size": 1, "rollout.kv_cache_mb": 0.0, "algo.eps_low": 0.0, "algo.eps_high": 0.0,
+    "algo.kl_coef": 0.0, "algo.entropy_coef": 0.0, "train.lr": 0.0, "train.weight_decay": 0.0,
+    "train.beta1": 0.0, "train.beta2": 0.0, "train.grad_clip": 0.0, "train.micro_batch_tokens": 1,
+    "train.publish_bucket_mb": 0.0, "sft.steps": 0, "sft.lr": 0.0, "sft.batch_size": 1, "sft.n_trajectories": 1,
+    "sft.context_weight": 0.0,
+}
+POSITIVE = {"rollout.kv_cache_mb", "train.lr", "sft.lr", "train.grad_clip", "train.publish_bucket_mb"}
+GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # advantages relative to the group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +407,12 @@ def load_config(
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a TOML config file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a TOML config file (not UTF-8 text)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
     data = apply_overrides(data, list(overrides))

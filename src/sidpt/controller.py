@@ -38,6 +38,7 @@ from rich.table import Table
 from sidpt.batch import LOSS_MASK, OLD_LOGPROBS, REWARD, ROLLOUT_LOGPROBS, SEQ_LEN
 from sidpt.config import Config, ConfigError, save_config
 from sidpt.data import (
+    fit_questions,
     episode_seed, episode_tensors, prepare_task, sft_batch, spread_questions, step_indices, task_tokenizer,
 )
 from sidpt.dist.plan import build_plan
@@ -84,6 +85,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     if cfg.model.path:
         tok = Tokenizer(cfg.model.path)
         policy = load_checkpoint(cfg.model.path, dtype=dtype, device=world.device)
+        check_vocab(tok.vocab_size, policy.args.vocab_size, cfg.model.path)
     else:
         if cfg.model.size not in SIZES:
             raise ConfigError(f"model.size={cfg.model.size!r}: expected one of {list(SIZES)}")
@@ -115,6 +117,15 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         system = [{"role": "system", "content": cfg.task.system}] if cfg.task.system else []
         return tok.encode_chat(system + prompt_messages(question, template), add_generation_prompt=True)
 
+    for name, qs in (("train", train_q), ("heldout", heldout_q)):  # before any training, not at step 1
+        kept, n_out = fit_questions(qs, [len(prompt_ids(q.question)) for q in qs], r.max_model_len,
+                                    cfg.task.too_long, str(task[name]))
+        if n_out:
+            console.print(f"[yellow]{name}: {n_out} of {len(qs)} questions left out (prompt >= "
+                          f"rollout.max_model_len={r.max_model_len}; task.too_long='skip')[/]")
+        qs[:] = kept
+    if not train_q or not heldout_q:
+        raise ConfigError(f"task.dir={cfg.task.dir!r}: no train or no held-out question fits rollout.max_model_len")
     probe = prompt_ids(heldout_q[0].question)
     publish(trainer, engine, cfg.train.publish_bucket_mb, version=0)
     encode = tok.encode
@@ -228,6 +239,14 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     log.close()
     shutdown()
     return results
+
+
+def check_vocab(tokenizer_size: int, model_size: int, path: str) -> None:
+    """A tokenizer larger than the embedding would fail at the first unknown id, deep in a forward
+    (``IndexError: index out of range in self``); a larger embedding (padded rows) is fine."""
+    if tokenizer_size > model_size:
+        raise ConfigError(f"model.path={path!r}: its tokenizer has {tokenizer_size} tokens, the model's "
+                          f"embedding only {model_size} rows")
 
 
 def set_threads(threads: int, local_ranks: int) -> int:

@@ -152,3 +152,18 @@ def step_indices(n_items: int, k: int, seed: int, step: int, salt: int = 0) -> l
 def episode_seed(seed: int, step: int, group: int, index: int) -> int:
     """Sampling seed of one episode: independent of which rank or batch runs it."""
     return ((seed * 1_000_003 + step) * 1_000_033 + group) * 1_009 + index
+
+
+def fit_questions(questions: list, prompt_lens: list[int], max_model_len: int, policy: str, key: str) -> tuple[list, int]:
+    """The questions whose prompt leaves room to generate (at least one token) under
+    ``max_model_len``, and how many were left out. ``policy`` "error" raises ``ConfigError`` naming
+    the first one that does not fit (its file, line and id) instead of leaving any out."""
+    from sidpt.errors import ConfigError
+
+    kept = [q for q, n in zip(questions, prompt_lens) if n < max_model_len]
+    if len(kept) < len(questions) and policy == "error":
+        q, n = next((q, n) for q, n in zip(questions, prompt_lens) if n >= max_model_len)
+        raise ConfigError(f"{q.where or key}: question {q.id!r} has a prompt of {n} tokens, which leaves no room "
+                          f"under rollout.max_model_len={max_model_len} ({len(questions) - len(kept)} such "
+                          f"questions; raise it, or set task.too_long='skip' to leave them out)")
+    return kept, len(questions) - len(kept)

@@ -72,6 +72,15 @@ def _doc_from_row(row: object, where: str) -> Doc:
     return Doc(str(row["id"]), title, text)
 
 
+def utf8_text(data: bytes, path: str | os.PathLike, error: type[Exception]) -> str:
+    """``data`` decoded as UTF-8; a bad byte raises ``error`` naming the file, line and byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
 def jsonl_rows(text: str, path: str | os.PathLike, error: type[Exception]):
     """(``"path:line"``, row) for each non-blank line; a bad line raises ``error`` naming file and line."""
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -84,7 +93,7 @@ def jsonl_rows(text: str, path: str | os.PathLike, error: type[Exception]):
 
 
 def parse_corpus(data: bytes, path: str | os.PathLike = "<corpus>") -> list[Doc]:
-    docs = [_doc_from_row(row, where) for where, row in jsonl_rows(data.decode("utf-8"), path, CorpusError)]
+    docs = [_doc_from_row(row, where) for where, row in jsonl_rows(utf8_text(data, path, CorpusError), path, CorpusError)]
     if not docs:
         raise CorpusError(f"{path}: the corpus has no documents")
     return docs

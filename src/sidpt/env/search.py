@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidpt.env.base import EnvState, StepResult
-from sidpt.env.bm25 import BM25, Doc, jsonl_rows, load_bm25, tokenize
+from sidpt.env.bm25 import BM25, Doc, jsonl_rows, load_bm25, tokenize, utf8_text
 from sidpt.env.scoring import exact_match, token_f1
 
 SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
@@ -83,6 +83,7 @@ class Question:
     question: str
     answers: list[str]  # gold answers; any one of them scores
     meta: dict[str, Any] = field(default_factory=dict)  # other fields of the row (e.g. entity)
+    where: str = ""  # "file:line" it was read from (for error messages)
 
 
 def _question_text(row: dict) -> Any:
@@ -129,12 +130,12 @@ def as_question(row: Any, where: str = "<row>", default_id: str = "") -> Questio
     extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     qid = row.get("id", extra.get("index", default_id))
     meta = {k: v for k, v in row.items() if k not in ("id", "question", "answers", "golden_answers")}
-    return Question(str(qid), q.strip(), [str(a) for a in ans], meta)
+    return Question(str(qid), q.strip(), [str(a) for a in ans], meta, where)
 
 
 def load_questions(path: str | os.PathLike) -> list[Question]:
     """Questions from a JSONL file in any layout ``as_question`` accepts (ids default to the line number)."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = utf8_text(Path(path).read_bytes(), path, DataError)
     return [as_question(row, where, default_id=where.rsplit(":", 1)[1])
             for where, row in jsonl_rows(text, path, DataError)]
 
