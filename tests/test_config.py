@@ -189,3 +189,14 @@ def test_tokenizer_larger_than_the_model_is_refused():
     check_vocab(49152, 49280, "ckpt")  # padded embedding rows
     with pytest.raises(ConfigError, match=r"model.path='ckpt': its tokenizer has 50000 tokens, the model's embedding only 49152"):
         check_vocab(50000, 49152, "ckpt")
+
+
+def test_an_earlier_run_is_not_overwritten_without_asking(tmp_path):
+    from sidpt.controller import check_run_dir
+
+    check_run_dir(tmp_path / "new", overwrite=False)  # nothing there yet
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(metrics.jsonl\).*--run.overwrite=true"):
+        check_run_dir(tmp_path / "old", overwrite=False)
+    check_run_dir(tmp_path / "old", overwrite=True)

@@ -1,7 +1,12 @@
 """Small pieces of the spine: the PNG writer, per-step prompt choice, SFT question spread."""
 
+import json
+import os
 import struct
 import zlib
+from pathlib import Path
+
+import pytest
 
 from sidpt.data import episode_seed, spread_questions, step_indices
 from sidpt.env.search import Question
@@ -73,3 +78,54 @@ def test_a_second_run_keeps_the_first_runs_metrics_apart(tmp_path):
     read = lambda p: [json.loads(line)["run"] for line in p.read_text().splitlines()]  # noqa: E731
     assert read(tmp_path / "metrics.jsonl") == [2.0]
     assert read(tmp_path / "metrics.1.jsonl") == [0.0] and read(tmp_path / "metrics.2.jsonl") == [1.0]
+
+
+# -- issue 14, items 1 and 2: a user's task files are never written; no half-written task -------
+
+def test_a_users_own_task_is_never_written(tmp_path):
+    from sidpt.data import prepare_task
+    from sidpt.errors import ConfigError
+
+    d = tmp_path / "mine"
+    d.mkdir()
+    files = {"corpus.jsonl": '{"id": "1", "title": "A", "text": "A lives in B."}\n'
+                             '{"id": "2", "title": "C", "text": "C lives in D."}\n',
+             "train.jsonl": '{"question": "Where does A live?", "answers": ["B"]}\n',
+             "heldout.jsonl": '{"question": "Where does C live?", "answers": ["D"]}\n'}
+    for name, text in files.items():
+        (d / name).write_text(text)
+    with pytest.raises(ConfigError, match=r"no task.json .* lacks sft.jsonl \(needed because sft.steps > 0\)"):
+        prepare_task(d, n_entities=30, seed=0, is_main=True)
+    paths = prepare_task(d, n_entities=30, seed=0, is_main=True, need_sft=False)  # --sft.steps=0
+    assert paths["train"] == d / "train.jsonl"
+    assert sorted(p.name for p in d.iterdir()) == sorted(files)
+    assert all((d / name).read_text() == text for name, text in files.items())
+
+
+def test_a_task_killed_while_generating_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import sidpt.env.task as task_mod
+    from sidpt.data import prepare_task
+
+    real = task_mod.make_search_task
+
+    def killed(out_dir, *a, **k):  # writes the corpus, then the run is interrupted
+        (Path(out_dir) / "corpus.jsonl").write_text('{"id": "1", "text": "x"}\n')
+        raise KeyboardInterrupt
+
+    d = tmp_path / "task"
+    monkeypatch.setattr(task_mod, "make_search_task", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_task(d, n_entities=30, seed=0, is_main=True)
+    assert not d.exists()  # (the old code left corpus.jsonl in it, then took it for the user's own task)
+    monkeypatch.setattr(task_mod, "make_search_task", real)
+    paths = prepare_task(d, n_entities=30, seed=1, is_main=True)
+    meta = json.loads((d / "task.json").read_text())
+    assert meta["seed"] == 1 and all(p.exists() for p in paths.values())
+    assert not list(tmp_path.glob(".task.tmp-*"))  # the interrupted run's temporary directory is gone
+    assert (d.stat().st_mode & 0o777) == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m

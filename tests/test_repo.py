@@ -37,6 +37,12 @@ def test_entry_validates_config_and_writes_it(tmp_path):
     assert any(r["train/seqs"] > 0 and r["train/grad_norm"] > 0 for r in rl), [
         (r["reward/mean"], r["train/seqs"], r["train/grad_norm"]) for r in rl]
     assert (tmp_path / "t" / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = subprocess.run(  # a rerun under the same name is refused before anything is written
+        [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
+         "--run.name=t", f"--task.dir={tmp_path / 'task'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr[-3000:]
+    assert "holds an earlier run (config.toml, metrics.jsonl)" in again.stderr and "--run.overwrite=true" in again.stderr
+    assert not list((tmp_path / "t").glob("metrics.*.jsonl"))  # nothing rotated
     bad = subprocess.run([sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), "--model.szie=6M"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "did you mean 'model.size'" in bad.stderr

@@ -41,6 +41,10 @@ class RunConfig:
     """Run name; outputs go to ``<out_dir>/<name>/``."""
     out_dir: str = "runs"
     """Directory that holds one sub-directory per run."""
+    overwrite: bool = False
+    """Run into a run directory that holds an earlier run's outputs (config.toml, metrics.jsonl,
+    examples, plot): its metrics are kept as metrics.<n>.jsonl, the rest is replaced. False: such
+    a run is refused before anything is written."""
     seed: int = 0
     """Seed for every random number generator (torch, python, sampling)."""
     steps: int = 0
@@ -79,7 +83,10 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     dir: str = "runs/task"
-    """Directory with corpus.jsonl, train.jsonl, heldout.jsonl (created when missing)."""
+    """Task directory. Missing or empty: sidpt generates a task there (the other task.* keys);
+    one sidpt generated (it has task.json) is regenerated when those keys change; any other is
+    your own task, read and never written: corpus.jsonl, train.jsonl, heldout.jsonl, and
+    sft.jsonl when sft.steps > 0."""
     n_entities: int = 300
     """Entities in a generated task."""
     seed: int = 0

@@ -67,12 +67,16 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                           f"{world.world_size} rollout ranks")
     console = Console(quiet=not world.is_main)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    check_run_dir(run_dir, cfg.run.overwrite)  # every rank, before any rank writes
+    if world.distributed:
+        torch.distributed.barrier()
     if world.is_main:
         save_config(cfg, run_dir / "config.toml")
 
     # -- task, tokenizer, model ---------------------------------------------------------------
     task = prepare_task(cfg.task.dir, cfg.task.n_entities, cfg.task.seed, world.is_main, cfg.task.sft_frac,
-                        cfg.task.name_pool, cfg.task.sft_entities, tuple(cfg.task.attributes))
+                        cfg.task.name_pool, cfg.task.sft_entities, tuple(cfg.task.attributes),
+                        need_sft=cfg.sft.steps > 0)
     env_cfg = dataclasses.replace(cfg.env, corpus=cfg.env.corpus or str(task["corpus"]))
     if world.is_main:
         SearchEnv(env_cfg)  # builds the BM25 cache once, before the other ranks read it
@@ -239,6 +243,15 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     log.close()
     shutdown()
     return results
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to run into an earlier run's directory (its config, metrics, examples and plot would be
+    replaced) unless ``run.overwrite``."""
+    earlier = [p.name for p in (run_dir / "config.toml", run_dir / "metrics.jsonl") if p.exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"run directory {run_dir} holds an earlier run ({', '.join(earlier)}): choose another "
+                          f"--run.name, or pass --run.overwrite=true to replace it")
 
 
 def check_vocab(tokenizer_size: int, model_size: int, path: str) -> None:
