@@ -42,7 +42,7 @@ from sidpt.data import (
     episode_seed, episode_tensors, prepare_task, sft_batch, spread_questions, step_indices, task_tokenizer,
 )
 from sidpt.dist.plan import build_plan
-from sidpt.dist.world import World, all_reduce_sum, init_world, shutdown
+from sidpt.dist.world import World, all_reduce_sum, gather_to_main, init_world, shutdown
 from sidpt.env.base import FINISH_CODES
 from sidpt.env.search import INSTRUCTION, SearchEnv, format_prompt, load_questions, prompt_messages
 from sidpt.env.task import sft_episodes
@@ -161,14 +161,15 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         examples: list = []
         ev = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], prompt_ids, encode, decode, eos, cfg, world,
                       examples)
+        rows = [(x["episode"].group, json.dumps({
+            "id": x["question"].id, "question": x["question"].question, "gold": x["question"].answers,
+            "answer": x["episode"].info.get("answer"), "reward": x["episode"].reward,
+            "retrieved": x["episode"].info.get("retrieved"), **x["question"].meta,
+            "text": decode(x["episode"].out.tokens[x["episode"].out.prompt_len:])})) for x in examples]
+        rows = sorted(gather_to_main(rows, world))  # every rank's episodes, in question order
         if world.is_main:  # what the policy actually writes, for reading
             with open(run_dir / f"examples_{name}.jsonl", "w") as f:
-                for x in examples:
-                    e, q = x["episode"], x["question"]
-                    f.write(json.dumps({"id": q.id, "question": q.question, "gold": q.answers,
-                                        "answer": e.info.get("answer"), "reward": e.reward,
-                                        "retrieved": e.info.get("retrieved"), **q.meta,
-                                        "text": decode(e.out.tokens[e.out.prompt_len:])}) + "\n")
+                f.writelines(line + "\n" for _, line in rows)
         return ev
 
     results["before"] = evaluate_heldout("before")
@@ -220,14 +221,14 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                     timers_extra = {"publish/weights_max_abs": published_weights_diff(trainer, engine, world)}
                 else:
                     timers_extra = {}
-            ep_stats = _episode_stats(episodes, [j.sample for j in jobs], batch, world)
+            ep_stats = _episode_stats(episodes, [j.sample for j in jobs], batch, world, n_zero)
             mm = dict(zip([k.removeprefix("mismatch/") for k in mismatch], [v / world.world_size for v in
                                      all_reduce_sum([float(v) for v in mismatch.values()], world.device)]))
             mm["tokens"] = all_reduce_sum([float(part[LOSS_MASK].sum())], world.device)[0]  # measured on
             gen_tokens = ep_stats["rollout/response_tokens"] * ep_stats["rollout/episodes"]
             wall = time.perf_counter() - t0
             row = {**ep_stats, **{f"mismatch/{k}": v for k, v in mm.items()}, **stats, **timers.pop(),
-                   "publish/probe_max_abs": probe_err, "rollout/zero_adv_seqs": n_zero,
+                   "publish/probe_max_abs": probe_err,
                    "perf/gen_tokens_per_s": gen_tokens / max(1e-9, wall), "time/step": wall,
                    "policy_version": engine.policy_version, **timers_extra}
             log.log(step, row)
@@ -360,19 +361,20 @@ def _loss_kwargs(cfg: Config) -> dict:
     return {}
 
 
-def _episode_stats(episodes, samples, batch, world: World) -> dict[str, float]:
+def _episode_stats(episodes, samples, batch, world: World, n_zero: int) -> dict[str, float]:
+    """Episode statistics over every rank's episodes (sums in one all-reduce, then means)."""
     n = len(episodes)
-    sums = [*_retrieval_hits(episodes, samples),
+    sums = [float(n_zero), *_retrieval_hits(episodes, samples),
         float(batch[REWARD].sum()), sum(e.info.get("em", 0.0) for e in episodes),
         sum(e.info.get("f1", 0.0) for e in episodes), sum(e.info.get("n_searches", 0) for e in episodes),
         sum(e.info.get("n_errors", 0) for e in episodes), float(batch[LOSS_MASK].sum()),
         float(batch[SEQ_LEN].sum()), sum(e.info.get("finish") == "answer" for e in episodes), n,
     ]
-    hits, known, reward, em, f1, searches, errors, resp, seqlen, answered, n = all_reduce_sum(sums, world.device)
+    zero, hits, known, reward, em, f1, searches, errors, resp, seqlen, answered, n = all_reduce_sum(sums, world.device)
     n = max(n, 1)
     return {**({"env/retrieval_hit": hits / known} if known else {}),"reward/mean": reward / n, "env/em": em / n, "env/f1": f1 / n, "env/n_searches": searches / n,
             "env/n_errors": errors / n, "env/answered": answered / n, "rollout/response_tokens": resp / n,
-            "rollout/seq_len": seqlen / n, "rollout/episodes": n}
+            "rollout/seq_len": seqlen / n, "rollout/episodes": n, "rollout/zero_adv_seqs": zero}
 
 
 def _progress(console: Console) -> Progress:

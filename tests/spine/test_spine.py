@@ -117,7 +117,7 @@ def _first_rl_row(out_dir: Path) -> dict:
 def test_torchrun_two_ranks_equal_single_process(tmp_path):
     common = [str(ROOT / "configs" / "debug.toml"), "--run.name=t", "--run.steps=1", "--sft.steps=0",
               f"--task.dir={tmp_path / 'task'}", "--algo.entropy_coef=1.0", "--run.verify_publish=true",
-              "--run.threads=1", "--task.eval_questions=2"]
+              "--run.threads=1", "--task.eval_questions=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "sidpt", *common, f"--run.out_dir={tmp_path / 'one'}"],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
@@ -135,6 +135,13 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
     assert abs(a["train/grad_norm"] - b["train/grad_norm"]) <= 1e-5
     assert a["publish/weights_max_abs"] == 0.0 and b["publish/weights_max_abs"] == 0.0  # bitwise
     assert a["publish/probe_max_abs"] <= 1e-5 and b["publish/probe_max_abs"] <= 1e-5
+    # every rank's results reach the files and the sums (issue 14, item 5: rank 0's alone before)
+    assert a["rollout/zero_adv_seqs"] == b["rollout/zero_adv_seqs"] >= 4  # whole groups, over both ranks
+    for name in ("before", "after"):
+        one = (tmp_path / "one" / "t" / f"examples_{name}.jsonl").read_text().splitlines()
+        two = (tmp_path / "two" / "t" / f"examples_{name}.jsonl").read_text().splitlines()
+        assert len(one) == len(two) == 4
+        assert [json.loads(x)["id"] for x in one] == [json.loads(x)["id"] for x in two]
 
 
 def test_masked_logprobs_equal_full_logprobs_and_gradients():

@@ -57,6 +57,16 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def gather_to_main(items: list, world: "World") -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order on the main rank; [] on the
+    others; ``items`` itself in a single process."""
+    if not dist.is_initialized():
+        return list(items)
+    out = [None] * world.world_size if world.is_main else None
+    dist.gather_object(list(items), out, dst=0)
+    return [x for part in out for x in part] if world.is_main else []
+
+
 def all_reduce_max(value: int, device: torch.device) -> int:
     if not dist.is_initialized():
         return value
