@@ -2,8 +2,10 @@
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +39,23 @@ def test_entry_validates_config_and_writes_it(tmp_path):
     assert any(r["train/seqs"] > 0 and r["train/grad_norm"] > 0 for r in rl), [
         (r["reward/mean"], r["train/seqs"], r["train/grad_norm"]) for r in rl]
     assert (tmp_path / "t" / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the final figures and the policy are saved; the policy, reloaded by an eval-only run, gives
+    # the same held-out figures (issue 14, item 3)
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert res["rl_steps"] == 4 and res["stopped_by"] is None and set(res["evaluations"]) == {"before", "after"}
+    evals = [r for r in rows if "eval/exact_match" in r]
+    assert [r["eval/exact_match"] for r in evals] == [res["evaluations"][k]["exact_match"] for k in ("before", "after")]
+    policy = tmp_path / "t" / "policy"
+    assert (policy / "config.json").exists() and (policy / "tokenizer.json").exists()
+    ev = subprocess.run(
+        [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
+         "--run.name=e", f"--task.dir={tmp_path / 'task'}", f"--model.path={policy}", "--run.steps=0",
+         "--sft.steps=0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    res_e = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert set(res_e["evaluations"]) == {"before"} and "policy (no RL)" in ev.stdout and "after RL" not in ev.stdout
+    assert res_e["evaluations"]["before"] == res["evaluations"]["after"]
+    assert (tmp_path / "e" / "metrics.jsonl").read_text().count("eval/exact_match") == 1
     again = subprocess.run(  # a rerun under the same name is refused before anything is written
         [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
          "--run.name=t", f"--task.dir={tmp_path / 'task'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -46,3 +65,23 @@ def test_entry_validates_config_and_writes_it(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), "--model.szie=6M"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "did you mean 'model.size'" in bad.stderr
+
+
+def test_sigint_stops_at_a_step_boundary_and_saves(tmp_path):
+    """Ctrl-C: the current step finishes, then the run evaluates and saves what a finished run saves
+    (before: a 40-line traceback and nothing saved)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
+         "--run.name=t", f"--task.dir={tmp_path / 'task'}", "--run.steps=500", "--sft.steps=5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"reward/mean"' in metrics.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGINT" in out
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert res["stopped_by"] == "SIGINT" and 1 <= res["rl_steps"] < 500 and "after" in res["evaluations"]
+    assert (tmp_path / "t" / "policy" / "model.safetensors").exists()

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -42,12 +44,12 @@ from sidpt.data import (
     episode_seed, episode_tensors, prepare_task, sft_batch, spread_questions, step_indices, task_tokenizer,
 )
 from sidpt.dist.plan import build_plan
-from sidpt.dist.world import World, all_reduce_sum, gather_to_main, init_world, shutdown
+from sidpt.dist.world import World, all_reduce_max, all_reduce_sum, gather_to_main, init_world, shutdown
 from sidpt.env.base import FINISH_CODES
 from sidpt.env.search import INSTRUCTION, SearchEnv, format_prompt, load_questions, prompt_messages
 from sidpt.env.task import sft_episodes
 from sidpt.metrics import MetricsLog, Timers, write_line_png
-from sidpt.model import SIZES, Transformer, build_model, load_checkpoint
+from sidpt.model import SIZES, Transformer, build_model, load_checkpoint, save_checkpoint
 from sidpt.model.model import DTYPES, count_params
 from sidpt.model.tokenizer import Tokenizer
 from sidpt.rl import REWEIGHT_ONLY, TRAIN_MASK, apply_correction, compute_advantages, mismatch_metrics
@@ -65,7 +67,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     if cfg.rollout.prompts_per_step % world.world_size:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must divide by the "
                           f"{world.world_size} rollout ranks")
-    console = Console(quiet=not world.is_main)
+    # piped to a file, rich wraps at 80 columns mid-phrase: lines as long as a log line instead
+    console = Console(quiet=not world.is_main, width=None if sys.stdout.isatty() else 160)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     check_run_dir(run_dir, cfg.run.overwrite)  # every rank, before any rank writes
     if world.distributed:
@@ -139,6 +142,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     timers = Timers()
     results = {}
 
+    stop = StopRequest(world)  # SIGINT / SIGTERM: finish the step, then save what a finished run saves
+
     # -- SFT warm-start -----------------------------------------------------------------------
     if cfg.sft.steps:
         sft_q = spread_questions(load_questions(task["sft"]), cfg.sft.n_trajectories, cfg.run.seed)
@@ -149,6 +154,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         with _progress(console) as prog:
             task_bar = prog.add_task("SFT warm-start", total=cfg.sft.steps, info="")
             for step in range(cfg.sft.steps):
+                if stop.requested():
+                    break
                 idx = step_indices(len(rows), cfg.sft.batch_size, cfg.run.seed, step, salt=1)
                 local = idx[world.rank:: world.world_size]
                 stats = trainer.sft_step(sft_batch([rows[i] for i in local], tok.pad_id or 0), cfg.sft.context_weight)
@@ -173,6 +180,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         return ev
 
     results["before"] = evaluate_heldout("before")
+    log.log(0, {f"eval/{k}": v for k, v in results["before"].items()})
     console.print(f"held-out before RL: {_fmt(results['before'])}")
 
     # -- RL -----------------------------------------------------------------------------------
@@ -180,6 +188,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     with _progress(console) as prog:
         bar = prog.add_task("GRPO", total=cfg.run.steps, info="")
         for step in range(cfg.run.steps):
+            if stop.requested():
+                break
             t0 = time.perf_counter()
             with timers("rollout"):
                 groups = step_indices(len(train_q), r.prompts_per_step, cfg.run.seed, step)
@@ -238,12 +248,67 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
                 ev = evaluate_heldout(f"step{step + 1}")
                 log.log(step, {f"eval/{k}": v for k, v in ev.items()})
-    results["after"] = evaluate_heldout("after")
+    rl_steps = len(curve)
+    if rl_steps:  # an eval-only run (no RL step) evaluates once: no "after" identical to "before"
+        results["after"] = evaluate_heldout("after")
+        log.log(rl_steps, {f"eval/{k}": v for k, v in results["after"].items()})
+    policy_dir = run_dir / "policy"
+    save_policy(trainer, tok, args, policy_dir, world, cfg.train.publish_bucket_mb)
     if world.is_main:
         _summary(console, results, run_dir, curve)
+        write_results(run_dir / "results.json", results, rl_steps, cfg, stop.signal, policy_dir)
+        if stop.signal:
+            console.print(f"[yellow]stopped by {stop.signal} after {rl_steps} of {cfg.run.steps} RL steps[/]; "
+                          f"final evaluation, policy and results saved")
+        console.print(f"policy: {policy_dir} (HF checkpoint: --model.path={policy_dir} reloads it), "
+                      f"results: {run_dir / 'results.json'}")
     log.close()
     shutdown()
     return results
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set a flag that the loops read at step boundaries, so an interrupted run
+    still evaluates and saves; a second SIGINT interrupts at once. ``requested()`` agrees on
+    every rank (one max all-reduce), so no rank leaves the loop alone and hangs the others."""
+
+    def __init__(self, world: World):
+        self.world, self.signal = world, None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: stop now
+
+    def requested(self) -> bool:
+        flag = all_reduce_max(int(self.signal is not None), self.world.device)
+        if flag and self.signal is None:
+            self.signal = "a signal on another rank"
+        return bool(flag)
+
+
+def save_policy(trainer: Trainer, tok: Tokenizer, args, out: Path, world: World, bucket_mb: float) -> None:
+    """The trained policy as an HF checkpoint (config.json, safetensors, the tokenizer's files),
+    written atomically by the main rank from the trainer's full weights (collective)."""
+    state = {}
+    for bucket in trainer.full_weights(bucket_mb):  # every trainer rank iterates to the end
+        if world.is_main:
+            state.update({k: v.detach().clone() for k, v in bucket.items()})
+    if world.is_main:
+        extra = {n: tok.path / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                           "chat_template.jinja") if (tok.path / n).exists()}
+        save_checkpoint(out, args, state, extra_files=extra)
+
+
+def write_results(path: Path, results: dict, rl_steps: int, cfg: Config, stopped_by: str | None,
+                  policy_dir: Path) -> None:
+    """The run's final figures as JSON (atomic: a temporary file, then rename)."""
+    out = {"evaluations": results, "rl_steps": rl_steps, "rl_steps_configured": cfg.run.steps,
+           "stopped_by": stopped_by, "policy": str(policy_dir), "held_out_questions": cfg.task.eval_questions}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -389,13 +454,14 @@ def _fmt(ev: dict[str, float]) -> str:
 
 def _summary(console: Console, results, run_dir: Path, curve) -> None:
     table = Table(title="held-out search questions (greedy)")
-    hit = all("retrieval_hit" in results[n] for n in ("before", "after"))
+    hit = all("retrieval_hit" in ev for ev in results.values())
     for col in ("", "exact match %", "F1 %", "searches / question", "response tokens") + (
             ("gold doc retrieved %",) if hit else ()):
         table.add_column(col, justify="right")
-    for name in ("before", "after"):
+    labels = {"before": "before RL", "after": "after RL"} if "after" in results else {"before": "policy (no RL)"}
+    for name, label in labels.items():
         ev = results[name]
-        table.add_row(f"{name} RL", f"{ev['exact_match']:.1f}", f"{ev['f1']:.1f}", f"{ev['searches']:.2f}",
+        table.add_row(label, f"{ev['exact_match']:.1f}", f"{ev['f1']:.1f}", f"{ev['searches']:.2f}",
                       f"{ev['response_tokens']:.1f}", *((f"{ev['retrieval_hit']:.1f}",) if hit else ()))
     console.print(table)
     if curve:

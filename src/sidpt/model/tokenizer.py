@@ -84,7 +84,7 @@ class Tokenizer:
     """Encode/decode text and render chat templates for one checkpoint directory."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = self.path = Path(path)
         file = path / "tokenizer.json"
         try:
             self.tok = HFTokenizer.from_file(str(file))
