@@ -129,3 +129,36 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_caches_and_checkpoints_are_team_readable(tmp_path):
+    """mkstemp/mkdtemp make 0600 files and 0700 directories: a BM25 cache and a checkpoint were
+    unreadable by the rest of a team (issue 14, item 8)."""
+    from sidpt.env.bm25 import cache_path, load_bm25
+    from sidpt.model import ModelArgs, build_model, save_checkpoint
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "1", "title": "A", "text": "A lives in B."}\n{"id": "2", "title": "C", "text": "x"}\n')
+    load_bm25(corpus)
+    want_file, want_dir = 0o666 & ~_umask(), 0o777 & ~_umask()
+    assert cache_path(corpus).stat().st_mode & 0o777 == want_file
+    save_checkpoint(tmp_path / "ckpt", build_model(ModelArgs(vocab_size=32, dim=16, n_layers=1, n_heads=2,
+                                                             n_kv_heads=1, intermediate_size=32)))
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == want_dir
+
+
+def test_lr_schedule_closed_forms():
+    """Warmup then constant or cosine (issue 14, item 8: there was no schedule)."""
+    import math
+
+    from sidpt.trainer import lr_at
+
+    assert [lr_at(i, 5, 1.0) for i in range(5)] == [1.0] * 5  # the default: today's constant rate
+    warm = [lr_at(i, 10, 2.0, "constant", warmup=3) for i in range(10)]
+    assert warm[:4] == [0.5, 1.0, 1.5, 2.0] and set(warm[3:]) == {2.0}
+    cos = [lr_at(i, 12, 1.0, "cosine", warmup=2, min_frac=0.1) for i in range(12)]
+    assert cos[:2] == [1 / 3, 2 / 3] and cos[2] == 1.0 and math.isclose(cos[-1], 0.1, abs_tol=1e-12)
+    for i in range(2, 12):  # the closed form, step by step
+        t = (i - 2) / 9
+        assert math.isclose(cos[i], 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)), rel_tol=1e-12)
+    assert all(a >= b for a, b in zip(cos[2:], cos[3:]))  # decreasing after the warmup

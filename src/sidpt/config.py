@@ -171,7 +171,13 @@ class AlgoConfig:
 @dataclass
 class TrainConfig:
     lr: float = 1e-5
-    """AdamW learning rate of the RL phase."""
+    """AdamW learning rate of the RL phase (the peak, with a schedule)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After the warmup: constant, or a cosine decay to ``min_lr_frac * lr`` at the last RL step."""
+    warmup_steps: int = 0
+    """RL steps of linear warmup from lr / (warmup_steps + 1) to lr (0: none)."""
+    min_lr_frac: float = 0.1
+    """The cosine schedule's final learning rate as a fraction of ``lr``."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     beta1: float = 0.9
@@ -195,7 +201,11 @@ class SFTConfig:
     steps: int = 0
     """SFT warm-start steps before RL (0: none)."""
     lr: float = 1e-3
-    """SFT learning rate."""
+    """SFT learning rate (the peak, with a schedule)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After the warmup: constant, or a cosine decay to ``train.min_lr_frac * sft.lr``."""
+    warmup_steps: int = 0
+    """SFT steps of linear warmup (0: none)."""
     batch_size: int = 32
     """Trajectories per SFT step, over all ranks."""
     n_trajectories: int = 300
@@ -263,7 +273,7 @@ RANGES = {
     "algo.kl_coef": 0.0, "algo.entropy_coef": 0.0, "train.lr": 0.0, "train.weight_decay": 0.0,
     "train.beta1": 0.0, "train.beta2": 0.0, "train.grad_clip": 0.0, "train.micro_batch_tokens": 1,
     "train.publish_bucket_mb": 0.0, "sft.steps": 0, "sft.lr": 0.0, "sft.batch_size": 1, "sft.n_trajectories": 1,
-    "sft.context_weight": 0.0,
+    "sft.context_weight": 0.0, "train.warmup_steps": 0, "sft.warmup_steps": 0, "train.min_lr_frac": 0.0,
 }
 POSITIVE = {"rollout.kv_cache_mb", "train.lr", "sft.lr", "train.grad_clip", "train.publish_bucket_mb"}
 GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # advantages relative to the group

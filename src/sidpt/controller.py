@@ -55,7 +55,7 @@ from sidpt.model.tokenizer import Tokenizer
 from sidpt.rl import REWEIGHT_ONLY, TRAIN_MASK, apply_correction, compute_advantages, mismatch_metrics
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
 from sidpt.rollout.multiturn import Job, episodes_to_batch, run_episodes
-from sidpt.trainer import OptimConfig, Trainer, loss_free, sequence_logprobs, signal_rows
+from sidpt.trainer import OptimConfig, Trainer, loss_free, lr_at, sequence_logprobs, signal_rows
 
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
@@ -156,6 +156,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             for step in range(cfg.sft.steps):
                 if stop.requested():
                     break
+                trainer.set_lr(lr_at(step, cfg.sft.steps, cfg.sft.lr, cfg.sft.lr_schedule, cfg.sft.warmup_steps,
+                                     cfg.train.min_lr_frac))
                 idx = step_indices(len(rows), cfg.sft.batch_size, cfg.run.seed, step, salt=1)
                 local = idx[world.rank:: world.world_size]
                 stats = trainer.sft_step(sft_batch([rows[i] for i in local], tok.pad_id or 0), cfg.sft.context_weight)
@@ -190,6 +192,9 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         for step in range(cfg.run.steps):
             if stop.requested():
                 break
+            lr = lr_at(step, cfg.run.steps, cfg.train.lr, cfg.train.lr_schedule, cfg.train.warmup_steps,
+                       cfg.train.min_lr_frac)
+            trainer.set_lr(lr)
             t0 = time.perf_counter()
             with timers("rollout"):
                 groups = step_indices(len(train_q), r.prompts_per_step, cfg.run.seed, step)
@@ -240,7 +245,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
             row = {**ep_stats, **{f"mismatch/{k}": v for k, v in mm.items()}, **stats, **timers.pop(),
                    "publish/probe_max_abs": probe_err,
                    "perf/gen_tokens_per_s": gen_tokens / max(1e-9, wall), "time/step": wall,
-                   "policy_version": engine.policy_version, **timers_extra}
+                   "policy_version": engine.policy_version, "train/lr": lr, **timers_extra}
             log.log(step, row)
             curve.append((step, row["reward/mean"]))
             prog.update(bar, advance=1, info=f"reward {row['reward/mean']:.3f}  searches "

@@ -20,6 +20,7 @@ from tensordict import TensorDict
 
 from sidpt.batch import GROUP_ID, LOSS_MASK, PROMPT_LEN, REWARD, SEQ_LEN, TOKENS
 from sidpt.env.base import Episode, encode_turns
+from sidpt.files import umask_mode
 from sidpt.model.tokenizer import Tokenizer
 
 TAGS = ("<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
@@ -70,9 +71,7 @@ def prepare_task(task_dir: str, n_entities: int, seed: int, is_main: bool, sft_f
             for old in d.parent.glob(f".{d.name}.tmp-*"):  # left by a run killed while generating
                 shutil.rmtree(old, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-", dir=d.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: readable by the whole team instead
+            umask_mode(tmp)  # mkdtemp makes it 0700: readable by the whole team instead
             make_search_task(tmp, n_entities, seed, sft_frac=sft_frac, name_pool=name_pool, sft_entities=sft_entities,
                              attributes=attributes or ATTRIBUTES)
             if d.exists():  # a stale generated task (or an empty directory): swap, then drop it

@@ -12,6 +12,7 @@ summed loss is scaled by the data-parallel size. All ranks run the same number o
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -230,3 +231,16 @@ class Trainer:
                 bucket, size = {}, 0
         if bucket:
             yield bucket
+
+
+def lr_at(step: int, total: int, lr: float, schedule: str = "constant", warmup: int = 0,
+          min_frac: float = 0.1) -> float:
+    """Learning rate of step ``step`` (0-based) of ``total``: linear warmup over the first
+    ``warmup`` steps (step i: lr * (i + 1) / (warmup + 1)), then constant or a half cosine from lr
+    down to ``min_frac * lr`` at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if schedule == "constant" or total - warmup <= 1:
+        return lr
+    t = (step - warmup) / (total - warmup - 1)  # 0 at the first step after warmup, 1 at the last
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))

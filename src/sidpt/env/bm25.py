@@ -34,6 +34,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidpt.files import umask_mode
+
 TOKEN_RE = re.compile(r"[^\W_]+")
 CACHE_SUFFIX = ".bm25.json"
 INDEX_FORMAT = "sidpt-bm25-v1 tokens=[^\\W_]+ lowercase"  # bump when tokenize() or the layout changes
@@ -173,6 +175,7 @@ def cache_path(corpus_path: str | os.PathLike) -> Path:
 
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    umask_mode(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

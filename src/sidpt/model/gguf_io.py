@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from sidpt.files import umask_mode
 from sidpt.model.hf_io import (CONFIG_FILE, SINGLE_FILE, CheckpointError, _replace_dir, hf_config_from_args,
                                hf_shapes)
 from sidpt.model.model import ModelArgs
@@ -269,6 +270,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask_mode(tmp)
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, tmp / SINGLE_FILE, metadata={"format": "pt", "source": path.name})

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sidpt.files import umask_mode
 from sidpt.model.model import DTYPES, ModelArgs, Transformer
 
 CONFIG_FILE = "config.json"
@@ -333,6 +334,7 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask_mode(tmp)
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_from_args(args, dtype), indent=2) + "\n")
         meta = {"format": "pt"}
