@@ -162,3 +162,23 @@ def test_lr_schedule_closed_forms():
         t = (i - 2) / 9
         assert math.isclose(cos[i], 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)), rel_tol=1e-12)
     assert all(a >= b for a, b in zip(cos[2:], cos[3:]))  # decreasing after the warmup
+
+
+def test_reward_plot_has_axes_labels_legend_and_room_below_zero(tmp_path):
+    """The old PNG had no title, ticks, labels or scale, and a reward of 0 lay on the x-axis."""
+    import matplotlib.pyplot as plt
+
+    from sidpt.metrics import plot_reward_curve, reward_figure
+
+    curve = [(i, 0.0 if i < 5 else 0.02 * i) for i in range(40)]
+    fig = reward_figure(curve, {"before": (0, 9.0), "after": (40, 23.5)})
+    ax, ax2 = fig.axes
+    assert ax.get_xlabel() == "RL step" and ax.get_ylabel() == "reward (0 to 1)" and ax.get_title()
+    assert ax2.get_ylabel() == "held-out exact match (%)"
+    assert ax.get_ylim()[0] < 0 < ax.get_ylim()[1]  # 0 is above the axis line
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["mean reward of the step's episodes", "moving average (2 steps)", "held-out exact match (greedy)"]
+    assert len(ax.get_xticklabels()) > 2 and len(ax.get_yticklabels()) > 2
+    plt.close(fig)
+    assert plot_reward_curve(tmp_path / "c.png", curve) == "matplotlib"
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))

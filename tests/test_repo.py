@@ -34,6 +34,9 @@ def test_entry_validates_config_and_writes_it(tmp_path):
     assert "held-out search questions" in out.stdout and "exact match" in out.stdout
     rows = [json.loads(r) for r in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in rows if "reward/mean" in r]
+    sft = [r for r in rows if "sft/loss" in r]
+    assert len(sft) == 60 and all("step" not in r and "sft_step" in r for r in sft)  # distinct step axes
+    assert not {k for r in sft for k in r} & {k for r in rl for k in r}  # no curve shared by the phases
     assert len(rl) == 4  # one row per RL step of debug.toml
     # the debug recipe trains: some RL step reaches the policy-gradient update (issue 14, item 7)
     assert any(r["train/seqs"] > 0 and r["train/grad_norm"] > 0 for r in rl), [

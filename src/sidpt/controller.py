@@ -48,7 +48,7 @@ from sidpt.dist.world import World, all_reduce_max, all_reduce_sum, gather_to_ma
 from sidpt.env.base import FINISH_CODES
 from sidpt.env.search import INSTRUCTION, SearchEnv, format_prompt, load_questions, prompt_messages
 from sidpt.env.task import sft_episodes
-from sidpt.metrics import MetricsLog, Timers, write_line_png
+from sidpt.metrics import MetricsLog, Timers, plot_reward_curve
 from sidpt.model import SIZES, Transformer, build_model, load_checkpoint, save_checkpoint
 from sidpt.model.model import DTYPES, count_params
 from sidpt.model.tokenizer import Tokenizer
@@ -161,7 +161,9 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 idx = step_indices(len(rows), cfg.sft.batch_size, cfg.run.seed, step, salt=1)
                 local = idx[world.rank:: world.world_size]
                 stats = trainer.sft_step(sft_batch([rows[i] for i in local], tok.pad_id or 0), cfg.sft.context_weight)
-                log.log(step, {"phase_sft": 1.0, **stats})
+                # SFT rows: their own step axis and key names (its grad norm is sft/grad_norm, not
+                # the RL phase's train/grad_norm, so TensorBoard never draws them on one curve)
+                log.log(step, {k.replace("train/", "sft/", 1): v for k, v in stats.items()}, step_key="sft_step")
                 prog.update(task_bar, advance=1, info=f"loss {stats['sft/loss']:.3f}")
         trainer.set_lr(cfg.train.lr)
         trainer.reset_reference()  # the KL anchor is the warm-started policy, not the random init
@@ -470,5 +472,6 @@ def _summary(console: Console, results, run_dir: Path, curve) -> None:
                       f"{ev['response_tokens']:.1f}", *((f"{ev['retrieval_hit']:.1f}",) if hit else ()))
     console.print(table)
     if curve:
-        write_line_png(run_dir / "reward_curve.png", {"reward": curve})
+        evals = {k: (len(curve) if k == "after" else 0, v["exact_match"]) for k, v in results.items()}
+        plot_reward_curve(run_dir / "reward_curve.png", curve, evals)
     console.print(f"metrics: {run_dir / 'metrics.jsonl'}" + (f", curve: {run_dir / 'reward_curve.png'}" if curve else ""))

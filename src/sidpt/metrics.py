@@ -7,6 +7,7 @@ dependency.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 import zlib
@@ -59,8 +60,10 @@ class MetricsLog:
             except Exception:  # tensorboard not installed
                 self.tb = None
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **{k: float(v) for k, v in values.items()}}
+    def log(self, step: int, values: dict[str, float], step_key: str = "step") -> None:
+        """One row. ``step_key`` names the row's step axis: "step" for RL steps, "sft_step" for the
+        warm-start, so that the two phases' curves never share an axis."""
+        row = {step_key: step, **{k: float(v) for k, v in values.items()}}
         self.rows.append(row)
         if not self.enabled:
             return
@@ -68,7 +71,7 @@ class MetricsLog:
         self.file.flush()
         if self.tb is not None:
             for k, v in row.items():
-                if k != "step":
+                if k != step_key:
                     self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
@@ -117,3 +120,60 @@ def write_line_png(path: str | Path, series: dict[str, list[tuple[float, float]]
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
     Path(path).write_bytes(png)
+
+
+def reward_figure(curve: list[tuple[float, float]], evals: dict[str, tuple[float, float]] | None = None):
+    """A matplotlib figure of the training reward per RL step (and held-out exact match at the
+    evaluations, on a second axis): title, labelled axes with units, legend, grid; the y range
+    starts below 0 so that a reward of 0 is not drawn on the x-axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    x, y = zip(*curve)
+    ax.plot(x, y, color="tab:blue", linewidth=1, alpha=0.5, label="mean reward of the step's episodes")
+    k = max(1, len(y) // 20)  # a moving average over ~5% of the run
+    if len(y) > 2 * k:
+        avg = [sum(y[max(0, i - k + 1): i + 1]) / len(y[max(0, i - k + 1): i + 1]) for i in range(len(y))]
+        ax.plot(x, avg, color="tab:blue", linewidth=2, label=f"moving average ({k} steps)")
+    top = max(max(y), 0.05)
+    ax.set_ylim(-0.05 * top, 1.1 * top)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward (0 to 1)")
+    ax.set_title("GRPO training reward")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if evals:
+        ax2 = ax.twinx()
+        ex, ey = zip(*evals.values())
+        ax2.plot(ex, ey, "o--", color="tab:red", label="held-out exact match (greedy)")
+        ax2.set_ylabel("held-out exact match (%)")
+        ax2.set_ylim(-2, max(max(ey) * 1.2, 10))
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reward_curve(path: str | Path, curve: list[tuple[float, float]],
+                      evals: dict[str, tuple[float, float]] | None = None) -> str:
+    """The reward curve as a PNG (atomic): with matplotlib (``pip install 'sidpt[plot]'``) a
+    labelled chart, else the dependency-free line of ``write_line_png``. Returns which was drawn."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    try:
+        fig = reward_figure(curve, evals)
+    except ImportError:
+        write_line_png(tmp, {"reward": curve})
+        kind = "plain (no matplotlib: no axes)"
+    else:
+        import matplotlib.pyplot as plt
+
+        fig.savefig(tmp)
+        plt.close(fig)
+        kind = "matplotlib"
+    os.replace(tmp, path)
+    return kind
