@@ -43,7 +43,8 @@ def prepare_task(task_dir: str, n_entities: int, seed: int, is_main: bool, sft_f
       derived data: reusing a stale one would silently train on another task); regenerating also
       drops the tokenizers cached in it;
     - anything else: the user's own task, used as it is and never written. It must hold
-      corpus.jsonl, train.jsonl and heldout.jsonl (and sft.jsonl when ``need_sft``).
+      corpus.jsonl, train.jsonl and heldout.jsonl (and sft.jsonl when ``need_sft``); question
+      files may be ``.parquet`` instead (Search-R1's layout, read with pyarrow).
 
     A task is generated in a temporary sibling directory and renamed into place whole, so a run
     killed half-way leaves no half-written task behind (it had been taken for a user's own task)."""
@@ -57,7 +58,7 @@ def prepare_task(task_dir: str, n_entities: int, seed: int, is_main: bool, sft_f
             "attributes": list(attributes or ATTRIBUTES)}
     generated = (d / "task.json").exists()
     if d.is_dir() and any(d.iterdir()) and not generated:  # the user's own task: every rank checks it
-        missing = [f"{n}.jsonl" for n in names if not (d / f"{n}.jsonl").exists() and (n != "sft" or need_sft)]
+        missing = [f"{n}.jsonl" for n in names if not _task_file(d, n).exists() and (n != "sft" or need_sft)]
         if missing:
             raise ConfigError(f"task.dir={task_dir!r} holds files but no task.json (so it is not a task sidpt "
                               f"generated, and sidpt never writes into it) and lacks {', '.join(missing)}"
@@ -82,7 +83,13 @@ def prepare_task(task_dir: str, n_entities: int, seed: int, is_main: bool, sft_f
             else:
                 tmp.rename(d)
     _barrier()
-    return {n: d / f"{n}.jsonl" for n in names}
+    return {n: _task_file(d, n) for n in names}
+
+
+def _task_file(d: Path, name: str) -> Path:
+    """``<name>.jsonl``, or ``<name>.parquet`` where only that exists (questions, Search-R1 layout)."""
+    p = d / f"{name}.jsonl"
+    return d / f"{name}.parquet" if not p.exists() and name != "corpus" and (d / f"{name}.parquet").exists() else p
 
 
 def task_tokenizer(task: dict[str, Path], vocab_size: int, is_main: bool, kind: str = "word") -> Tokenizer:

@@ -56,3 +56,35 @@ def test_bad_row_names_file_and_line(tmp_path, bad, message):
     with pytest.raises(DataError) as e:
         load_questions(p)
     assert str(e.value).startswith(f"{p}:3: ") and message in str(e.value)
+
+
+def test_search_r1_parquet_questions(tmp_path):
+    """Search-R1's own train/test files are parquet: read with pyarrow, no hand conversion
+    (issue 14, item 8); a task directory may hold them in place of train/heldout.jsonl."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sidpt.data import prepare_task
+    from sidpt.env.search import load_questions
+
+    rows = [{"data_source": "nq", "prompt": [{"role": "user", "content": "Answer it. Question: who wrote Dune?"}],
+             "reward_model": {"ground_truth": {"target": ["Frank Herbert"]}, "style": "rule"},
+             "extra_info": {"index": 7, "split": "train"}},
+            {"data_source": "nq", "prompt": [{"role": "user", "content": "Question: capital of France?"}],
+             "reward_model": {"ground_truth": {"target": ["Paris", "paris"]}, "style": "rule"},
+             "extra_info": {"index": 8, "split": "train"}}]
+    d = tmp_path / "sr1"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), d / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:1]), d / "heldout.parquet")
+    (d / "corpus.jsonl").write_text('{"id": "1", "contents": "\\"Dune\\"\\nDune is a novel by Frank Herbert."}\n')
+    qs = load_questions(d / "train.parquet")
+    assert [(q.id, q.question, q.answers) for q in qs] == [
+        ("7", "who wrote Dune?", ["Frank Herbert"]), ("8", "capital of France?", ["Paris", "paris"])]
+    assert qs[1].where.endswith("train.parquet:row 2")
+    paths = prepare_task(d, n_entities=30, seed=0, is_main=True, need_sft=False)
+    assert paths["train"].name == "train.parquet" and paths["heldout"].name == "heldout.parquet"
+    assert sorted(p.name for p in d.iterdir()) == ["corpus.jsonl", "heldout.parquet", "train.parquet"]
+    (d / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
+        load_questions(d / "bad.parquet")

@@ -134,7 +134,18 @@ def as_question(row: Any, where: str = "<row>", default_id: str = "") -> Questio
 
 
 def load_questions(path: str | os.PathLike) -> list[Question]:
-    """Questions from a JSONL file in any layout ``as_question`` accepts (ids default to the line number)."""
+    """Questions from a JSONL file, or a ``.parquet`` file (with pyarrow), in any layout ``as_question``
+    accepts (ids default to the line or row number)."""
+    if Path(path).suffix == ".parquet":  # Search-R1 ships its questions as parquet
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'sidpt[searchr1]')") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a bad file
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        return [as_question(row, f"{path}:row {i}", default_id=str(i)) for i, row in enumerate(rows, 1)]
     text = utf8_text(Path(path).read_bytes(), path, DataError)
     return [as_question(row, where, default_id=where.rsplit(":", 1)[1])
             for where, row in jsonl_rows(text, path, DataError)]
