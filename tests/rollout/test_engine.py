@@ -311,15 +311,22 @@ def first_new_char(tok, ids):
     raise AssertionError("every generated token repeats an earlier one")
 
 
-def test_stop_string_on_the_last_allowed_token_finishes_as_length():
-    """The stop-string test came before the max_new_tokens test: a tool call on the last allowed
-    token paused as "tool", resume() took it, and the request sampled past max_new_tokens."""
+def stop_on_kth_token():
+    """(tokenizer, model, prompt, k, stop): greedy decoding of the prompt first completes the
+    one-character stop string at its k-th generated token (0-based)."""
     tok = CharTokenizer()
     model = sharp_model(seed=4, vocab=len(tok.alphabet))
     prompt = [1, 2, 3, 4]
     free = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96)).generate(
         [Request("p", prompt, SamplingParams(temperature=0.0, max_new_tokens=16))])[0]
     k, stop = first_new_char(tok, free.tokens[len(prompt):])
+    return tok, model, prompt, k, stop
+
+
+def test_stop_string_on_the_last_allowed_token_finishes_as_length():
+    """The stop-string test came before the max_new_tokens test: a tool call on the last allowed
+    token paused as "tool", resume() took it, and the request sampled past max_new_tokens."""
+    tok, model, prompt, k, stop = stop_on_kth_token()
     engine = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96), tokenizer=tok)
     engine.submit(Request("r", prompt, SamplingParams(temperature=0.0, max_new_tokens=k + 1, stop_strings=(stop,))))
     (out,) = step_until_output(engine)
@@ -388,12 +395,7 @@ def test_static_decode_with_one_token_prefill_chunks_matches_dynamic():
 def test_paused_requests_do_not_starve_new_ones():
     """max_seqs paused requests held every row, so a new request never started; now a paused
     request's row moves aside (tokens kept off the row, KV blocks kept) and comes back on resume."""
-    tok = CharTokenizer()
-    model = sharp_model(seed=4, vocab=len(tok.alphabet))
-    prompt = [1, 2, 3, 4]
-    free = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96)).generate(
-        [Request("p", prompt, SamplingParams(temperature=0.0, max_new_tokens=16))])[0]
-    k, stop = first_new_char(tok, free.tokens[len(prompt):])
+    tok, model, prompt, k, stop = stop_on_kth_token()
     engine = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=96, max_seqs=2), tokenizer=tok)
     params = SamplingParams(temperature=0.0, max_new_tokens=k + 8, stop_strings=(stop,))
     for rid in ("a", "b"):
