@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error" if isinstance(e, ConfigError) else f"{type(e).__name__}"
         print(f"{kind}: {e}" + (f" (traceback: {log})" if log.exists() else ""), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a Ctrl-C outside the step loop, or a second one: nothing more is saved
+        print("interrupted (a single Ctrl-C during training stops at a step boundary and saves)", file=sys.stderr)
+        return 130
     return 0
 
 
