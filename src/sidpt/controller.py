@@ -60,7 +60,8 @@ from sidpt.trainer import OptimConfig, Trainer, loss_free, lr_at, sequence_logpr
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
     world = init_world()
-    threads = set_threads(cfg.run.threads, int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))
+    threads = set_threads(cfg.run.threads, local_ranks)
     plan = build_plan(world, cfg.run.placement, cfg.run.rollout_ranks)
     if plan.placement != "colocated":
         raise ConfigError("run.placement='disaggregated': the async pipeline is not built yet; use 'colocated'")
@@ -102,7 +103,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     args = policy.args
     console.print(f"[bold]sidpt[/] {world.world_size} rank(s), {plan.placement}; model {args.family} "
                   f"{count_params(policy) / 1e6:.2f}M params, vocab {args.vocab_size}; run dir {run_dir}")
-    console.print(threads_note(threads, int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))))
+    console.print(threads_note(threads, local_ranks))
 
     with torch.device("meta"):
         engine_model = Transformer(args)
@@ -172,11 +173,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         examples: list = []
         ev = evaluate(engine, env, heldout_q[: cfg.task.eval_questions], prompt_ids, encode, decode, eos, cfg, world,
                       examples)
-        rows = [(x["episode"].group, json.dumps({
-            "id": x["question"].id, "question": x["question"].question, "gold": x["question"].answers,
-            "answer": x["episode"].info.get("answer"), "reward": x["episode"].reward,
-            "retrieved": x["episode"].info.get("retrieved"), **x["question"].meta,
-            "text": decode(x["episode"].out.tokens[x["episode"].out.prompt_len:])})) for x in examples]
+        rows = [(x["episode"].group, _example_line(x["episode"], x["question"], decode)) for x in examples]
         rows = sorted(gather_to_main(rows, world))  # every rank's episodes, in question order
         if world.is_main:  # what the policy actually writes, for reading
             with open(run_dir / f"examples_{name}.jsonl", "w") as f:
@@ -407,6 +404,13 @@ def evaluate(engine: Engine, env, questions, prompt_ids, encode, decode, eos, cf
     if known:
         out["retrieval_hit"] = 100 * hits / known
     return out
+
+
+def _example_line(e, q, decode) -> str:
+    """One held-out episode as a JSON line: what the policy actually wrote, for reading."""
+    return json.dumps({"id": q.id, "question": q.question, "gold": q.answers, "answer": e.info.get("answer"),
+                       "reward": e.reward, "retrieved": e.info.get("retrieved"), **q.meta,
+                       "text": decode(e.out.tokens[e.out.prompt_len:])})
 
 
 def _retrieval_hits(episodes, samples) -> tuple[float, float]:

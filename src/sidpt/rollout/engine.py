@@ -353,10 +353,8 @@ class Engine:
             if not cands:
                 return False
             v = max(cands, key=lambda v: (v.status == PAUSED, v.arrival))
-            n = v.seq_len
             r = v.row
-            v.saved = (self.tok_buf[r, :n].clone(), self.lp_buf[r, :n].clone(), self.gen_buf[r, :n].clone(),
-                       self.ver_buf[r, :n].clone())
+            v.saved = tuple(t.clone() for t in self._row_state(r, v.seq_len))
             self.block_table[r].fill_(self.cache.scratch_block)
             self.free_rows.append(r)
             v.row = -1
@@ -393,9 +391,8 @@ class Engine:
             P = len(s.req.prompt)
             self.tok_buf[r, :P] = torch.tensor(s.req.prompt, device=self.device)
         else:  # back from a row swap: its tokens, logprobs, flags, versions and blocks
-            n = s.seq_len
-            tok, lp, gen, ver = s.saved
-            self.tok_buf[r, :n], self.lp_buf[r, :n], self.gen_buf[r, :n], self.ver_buf[r, :n] = tok, lp, gen, ver
+            for buf, saved in zip(self._row_state(r, s.seq_len), s.saved):
+                buf.copy_(saved)
             if s.blocks:
                 self.block_table[r, : len(s.blocks)] = torch.tensor(s.blocks, device=self.device)
             s.saved = None
@@ -403,6 +400,10 @@ class Engine:
         self.stop_ids[r].fill_(-1)
         if p.stop_token_ids:
             self.stop_ids[r, : len(p.stop_token_ids)] = torch.tensor(p.stop_token_ids, device=self.device)
+
+    def _row_state(self, r: int, n: int) -> tuple[torch.Tensor, ...]:
+        """Views of row r's first n tokens, log-probs, generated flags and versions."""
+        return self.tok_buf[r, :n], self.lp_buf[r, :n], self.gen_buf[r, :n], self.ver_buf[r, :n]
 
     def _free(self, s: _Seq) -> None:
         if s.blocks:
@@ -514,7 +515,7 @@ class Engine:
     def _output(self, s: _Seq, reason: str, stop_str: str | None = None) -> Output:
         r, n = s.row, s.seq_len
         if r >= 0:
-            tok, lp, gen, ver = self.tok_buf[r, :n], self.lp_buf[r, :n], self.gen_buf[r, :n], self.ver_buf[r, :n]
+            tok, lp, gen, ver = self._row_state(r, n)
         elif s.saved is not None:
             tok, lp, gen, ver = s.saved
         else:  # never admitted
