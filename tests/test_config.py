@@ -112,6 +112,8 @@ def test_shipped_recipes_load(path):
     ("--train.lr=0", r"train.lr=0.0: must be > 0"),
     ("--rollout.top_p=1.5", r"rollout.top_p=1.5: must be in \(0, 1\]"),
     ("--rollout.temperature=-1", r"rollout.temperature=-1.0: must be >= 0"),
+    ("--train.min_lr_frac=2", r"train.min_lr_frac=2.0: must be <= 1"),
+    ("--task.too_long=drop", r"task.too_long: expected one of 'error', 'skip', got 'drop'"),
 ])
 def test_bad_values_fail_at_load_naming_the_key(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):

@@ -259,6 +259,8 @@ class Config:
         if self.rollout.precision != "native" and self.model.dtype != "float32":
             raise ConfigError(f"rollout.precision={self.rollout.precision!r} emulates on a float32 model; "
                               f"model.dtype={self.model.dtype!r}")
+        if self.train.min_lr_frac > 1:
+            raise ConfigError(f"train.min_lr_frac={self.train.min_lr_frac}: must be <= 1 (a fraction of the peak lr)")
         if self.algo.eps_low >= 1:
             raise ConfigError(f"algo.eps_low={self.algo.eps_low}: must be < 1 (the ratio's lower clip is 1 - eps_low)")
 
