@@ -72,7 +72,7 @@ class ModelConfig:
     randomly initialised model of size ``size`` with the task's own tokenizer."""
     size: str = "debug"
     """Named model size used when ``path`` is empty; see ``sidpt.model.model.SIZES``."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     """Parameter and activation dtype (norms, softmax and RoPE tables are computed in float32)."""
     vocab_size: int = 0
     """Vocabulary cap of a random-init model's tokenizer, trained on the task (0: every word)."""

@@ -44,17 +44,17 @@ def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False, mask: 
     if mask is None:
         logits = model(tokens)[:, :-1]  # [n, T-1, V]
         lp = F.pad(token_logprobs(logits, tokens[:, 1:]), (1, 0))  # [n, T]
-        ent = F.pad(entropy_from_logits(logits.float()), (1, 0)) if entropy else None
+        ent = F.pad(entropy_from_logits(logits), (1, 0)) if entropy else None
         return lp, ent
     target = mask.clone()
     target[:, 0] = False
     source = F.pad(target[:, 1:], (0, 1))  # the hidden state at t-1 predicts token t
     logits = model(tokens, select=source)  # [M, V]
-    lp = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
-    lp = lp.masked_scatter(target, token_logprobs(logits, tokens[target]))
+    picked = token_logprobs(logits, tokens[target])  # [M]
+    lp = torch.zeros(tokens.shape, dtype=picked.dtype, device=tokens.device).masked_scatter(target, picked)
     ent = None
     if entropy:
-        ent = torch.zeros_like(lp).masked_scatter(target, entropy_from_logits(logits.float()))
+        ent = torch.zeros_like(lp).masked_scatter(target, entropy_from_logits(logits))
     return lp, ent
 
 

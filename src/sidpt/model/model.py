@@ -101,10 +101,17 @@ SIZES: dict[str, ModelArgs] = {
 }
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] in float32, with HF's linear or llama3 scaling."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of norms, softmax, log-probs and RoPE tables: float32, or float64 for a float64
+    model (so that a float64 run is float64 end to end, and equal on any CPU to ~1e-12)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rope_inv_freq(args: ModelArgs, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in float32 (float64 for a float64 model), with HF's
+    linear or llama3 scaling."""
     hd = args.head_dim
-    exps = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd
+    exps = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").to(dtype) / hd
     inv_freq = 1.0 / (args.rope_theta**exps)
     sc = args.rope_scaling
     rope_type = sc.get("rope_type", "default")
@@ -124,8 +131,9 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin tables [B, T, head_dim] for integer ``positions`` [B, T] (computed in float32)."""
-    freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
+    """cos, sin tables [B, T, head_dim] for integer ``positions`` [B, T] (computed in float32, or
+    float64 for a float64 model)."""
+    freqs = positions[..., None].to(inv_freq.dtype) * inv_freq  # [B, T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, hd]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -144,9 +152,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32, then back to the input dtype before the weight (as HF does).
+        # In float32 (float64 stays), then back to the input dtype before the weight (as HF does).
         dtype = x.dtype
-        x = x.float()
+        x = x.to(compute_dtype(dtype))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -221,12 +229,12 @@ class Transformer(nn.Module):
         # Tied: the LM head reads embed_tokens.weight (one Parameter, nothing to keep in sync).
         self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the RoPE frequencies.
-        self._inv_freq = {"cpu": rope_inv_freq(args)}
+        self._inv_freq = {}
 
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        key = str(device)
+    def inv_freq(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (str(device), compute_dtype(dtype))
         if key not in self._inv_freq:
-            self._inv_freq[key] = self._inv_freq["cpu"].to(device)
+            self._inv_freq[key] = rope_inv_freq(self.args, key[1]).to(device)
         return self._inv_freq[key]
 
     @property
@@ -246,7 +254,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)  # [B, T, D]
-        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)  # [B, T, hd] each
+        cos, sin = rope_cos_sin(self.inv_freq(x.device, x.dtype), positions, x.dtype)  # [B, T, hd] each
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, attn)
         return self.norm(x)
@@ -292,12 +300,12 @@ def build_model(
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[targets] in float32: logits [..., V], targets [...] -> [...]."""
-    logits = logits.float()
+    """log softmax(logits)[targets] in float32 (float64 stays): logits [..., V], targets [...] -> [...]."""
+    logits = logits.to(compute_dtype(logits.dtype))
     return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def count_params(model: nn.Module) -> int:

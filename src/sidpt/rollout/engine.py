@@ -450,7 +450,7 @@ class Engine:
         tok, lp = sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], u)
         pos = torch.tensor([s.seq_len for s in sseqs], device=dev)
         self.tok_buf[rows, pos] = tok
-        self.lp_buf[rows, pos] = lp
+        self.lp_buf[rows, pos] = lp.float()  # float64 models: stored as float32, like every rollout_logprobs
         self.gen_buf[rows, pos] = True
         self.ver_buf[rows, pos] = self.policy_version
         is_stop = (self.stop_ids[rows] == tok[:, None]).any(-1)  # [b]

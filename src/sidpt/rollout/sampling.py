@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sidpt.model.model import compute_dtype
+
 
 @dataclass
 class SamplingParams:
@@ -67,15 +69,16 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tok] per row, float32: logits [B, V], tok [B] -> [B]."""
-    logits = logits.float()
+    """log softmax(logits)[tok] per row, float32 (float64 stays): logits [B, V], tok [B] -> [B]."""
+    logits = logits.to(compute_dtype(logits.dtype))
     return logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 def truncated_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                        top_p: torch.Tensor) -> torch.Tensor:
-    """log q over the vocabulary [B, V] (float32), q as in the module docstring; -inf off-support."""
-    logits = logits.float()
+    """log q over the vocabulary [B, V] (float32; float64 stays), q as in the module docstring;
+    -inf off-support."""
+    logits = logits.to(compute_dtype(logits.dtype))
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     logp = torch.log_softmax(logits / t[:, None], dim=-1)  # [B, V]
     trunc = (top_k > 0) | (top_p < 1)
@@ -110,5 +113,5 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     drawn = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     if bool(greedy.any()):
         drawn = torch.where(greedy, logits.argmax(-1), drawn)
-        logq = torch.where(greedy[:, None], torch.log_softmax(logits.float(), -1), logq)
+        logq = torch.where(greedy[:, None], torch.log_softmax(logits.to(logq.dtype), -1), logq)
     return drawn, logq.gather(1, drawn[:, None]).squeeze(1)
