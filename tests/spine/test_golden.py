@@ -27,13 +27,15 @@ KEYS = {"sft_step": ("sft/loss", "sft/grad_norm"), "step": ("loss/total", "train
 
 
 def cpu_name() -> str:
+    """The CPU model and the SIMD level torch dispatches to (float32 reductions depend on both)."""
+    import torch
+
+    name = "unknown"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
-    return "unknown"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def golden_run(out: Path, dtype: str, extra: list[str] = ()) -> dict[str, list[float]]:
