@@ -11,11 +11,28 @@ from pathlib import Path
 from sidpt.config import ConfigError, help_text, load_config
 
 
+def resolve_env(table: dict) -> dict:
+    """The ``[env]`` table validated by its environment's Config, every default filled in (so the
+    saved config.toml holds the whole resolved environment)."""
+    from sidpt.env import env_table, load_environment
+
+    _, env_cfg = load_environment(table)
+    return env_table(table.get("name", "search"), env_cfg)
+
+
+def env_help() -> str:
+    from sidpt.env import ENVIRONMENTS, load_environment
+
+    return "\n".join(f"\n[env] name = {name!r}\n" + help_text(load_environment({"name": name})[0].Config, "env.")
+                     for name in ENVIRONMENTS)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print(help_text())
+        print(env_help())
         return 0 if argv else 2
     if argv[0].startswith("--"):
         print(f"config error: the first argument must be a config file (e.g. configs/debug.toml), got "
@@ -23,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(argv[0], argv[1:])
+        cfg.env = resolve_env(cfg.env)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {argv[0]}: {e}" if str(e).startswith("env") else f"config error: {e}", file=sys.stderr)
         return 2
     from sidpt.controller import run
-    from sidpt.env.bm25 import CorpusError
-    from sidpt.env.search import DataError
+    from sidpt.env.search.bm25 import CorpusError
+    from sidpt.env.search.env import DataError
     from sidpt.model.hf_io import CheckpointError
     from sidpt.model.tokenizer import TokenizerError
 

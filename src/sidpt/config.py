@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sidpt.env.search import SearchEnvConfig
-from sidpt.env.task import ATTRIBUTES as TASK_ATTRIBUTES, check_attributes
 from sidpt.errors import ConfigError
 
 
@@ -52,7 +50,10 @@ class RunConfig:
     placement: Literal["colocated", "disaggregated"] = "colocated"
     """colocated: every role on every rank, phases alternate; disaggregated: separate meshes."""
     rollout_ranks: int = 0
-    """Ranks given to rollout when disaggregated (0 when colocated: all ranks)."""
+    """Ranks given to rollout when disaggregated (the first ones; 0 when colocated: all ranks)."""
+    reference_ranks: int = 0
+    """Disaggregated: ranks of their own for the KL reference (the last ones; 0: the reference
+    lives on the trainer mesh)."""
     eval_every: int = 0
     """Evaluate on held-out questions every this many RL steps (0: only before and after)."""
     threads: int = 0
@@ -82,30 +83,8 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    dir: str = "runs/task"
-    """Task directory. Missing or empty: sidpt generates a task there (the other task.* keys);
-    one sidpt generated (it has task.json) is regenerated when those keys change; any other is
-    your own task, read and never written: corpus.jsonl, train.jsonl, heldout.jsonl, and
-    sft.jsonl when sft.steps > 0."""
-    n_entities: int = 300
-    """Entities in a generated task."""
-    seed: int = 0
-    """Seed of the generated task (independent of run.seed)."""
-    name_pool: int = 0
-    """Invented first names and surnames each come from a pool of this size (0: every surname new)."""
-    sft_frac: float = 0.1
-    """Share of a generated task's entities whose questions form the SFT split (disjoint from
-    train and held-out entities); unused when ``sft_entities`` > 0."""
-    sft_entities: int = 0
-    """Extra entities, one SFT question each, for the SFT split (0: use ``sft_frac``). Seen once
-    each, their facts cannot be memorised, so the warm-start learns to read results."""
-    attributes: list[str] = field(default_factory=lambda: list(TASK_ATTRIBUTES))
-    """Attributes a generated task's questions ask about (every document states all six:
-    birthplace, birth_year, profession, employer, colour, rival)."""
     eval_questions: int = 200
-    """Held-out questions per evaluation (greedy)."""
-    prompt: str = ""
-    """Prompt template with ``{question}`` (empty: the environment's full tool instruction)."""
+    """Held-out samples per evaluation (greedy)."""
     chat: bool = False
     """Render the prompt as a user message with the model's chat template (a pretrained model's
     ``tokenizer_config.json``), ending with the assistant header; False: raw text."""
@@ -115,6 +94,10 @@ class TaskConfig:
     """A train or held-out question whose prompt leaves no room to generate under
     ``rollout.max_model_len``: stop before the run with its file, line and id (error), or leave it
     out and report how many were left out (skip)."""
+    reward: str = ""
+    """Your own reward function as ``module:function``, called as ``function(sample, response_text,
+    info) -> float`` on every finished episode (replacing the environment's reward); empty: the
+    environment's own."""
 
 
 @dataclass
@@ -190,6 +173,12 @@ class TrainConfig:
     """Padded tokens per micro-batch (rows x longest)."""
     publish_bucket_mb: float = 64.0
     """Bucket size of the weight publish from trainer to engine."""
+    mini_batches: int = 1
+    """Optimizer steps per pass over the step's batch (PPO mini-batches, verl's
+    ``ppo_mini_batch_size``): each rank's rows split into this many consecutive chunks. From the
+    second on, pi differs from pi_old, so the ratio and the clip act."""
+    epochs: int = 1
+    """Passes over the step's batch (verl's ``ppo_epochs``, TRL's ``num_iterations``)."""
     skip_zero_adv: bool = True
     """Leave trajectories whose advantage is 0 everywhere (GRPO groups with equal rewards) out of
     the forward and backward when the loss has no KL or entropy term: their gradient is exactly
@@ -222,9 +211,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model."""
     task: TaskConfig = field(default_factory=TaskConfig)
-    """The search task's data."""
-    env: SearchEnvConfig = field(default_factory=SearchEnvConfig)
-    """The search environment (an empty corpus means the task's corpus.jsonl)."""
+    """Prompts, evaluation and reward, for any environment."""
+    env: dict[str, Any] = field(default_factory=lambda: {"name": "search"})
+    """The environment: ``name`` (search, arith, or the module path of your own) and that
+    environment's keys, validated by its own Config dataclass (``sidpt.env.load_environment``;
+    ``python -m sidpt.config --help`` lists the built-in environments' keys)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """The rollout engine and sampling."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -237,10 +228,6 @@ class Config:
     def validate(self) -> None:
         """Every value that can be checked before the run starts (the rest: at start-up, in the
         controller, before any training). Errors name the key."""
-        try:
-            check_attributes(self.task.attributes)
-        except ValueError as e:
-            raise ConfigError(f"task.{e}") from None
         r = self
         for key, lo in RANGES.items():
             section, name = key.split(".")
@@ -268,12 +255,11 @@ class Config:
 # Lower bounds (inclusive unless in POSITIVE) of the numeric fields that have one.
 RANGES = {
     "run.steps": 0, "run.eval_every": 0, "run.threads": 0, "run.rollout_ranks": 0,
-    "model.vocab_size": 0, "task.n_entities": 1, "task.name_pool": 0, "task.sft_frac": 0.0,
-    "task.sft_entities": 0, "task.eval_questions": 1, "rollout.prompts_per_step": 1, "rollout.group_size": 1,
+    "model.vocab_size": 0, "task.eval_questions": 1, "rollout.prompts_per_step": 1, "rollout.group_size": 1,
     "rollout.max_new_tokens": 1, "rollout.max_model_len": 2, "rollout.temperature": 0.0, "rollout.top_k": 0,
     "rollout.block_size": 1, "rollout.kv_cache_mb": 0.0, "algo.eps_low": 0.0, "algo.eps_high": 0.0,
     "algo.kl_coef": 0.0, "algo.entropy_coef": 0.0, "train.lr": 0.0, "train.weight_decay": 0.0,
-    "train.beta1": 0.0, "train.beta2": 0.0, "train.grad_clip": 0.0, "train.micro_batch_tokens": 1,
+    "train.beta1": 0.0, "train.beta2": 0.0, "train.grad_clip": 0.0, "train.micro_batch_tokens": 1, "train.mini_batches": 1, "train.epochs": 1, "run.reference_ranks": 0,
     "train.publish_bucket_mb": 0.0, "sft.steps": 0, "sft.lr": 0.0, "sft.batch_size": 1, "sft.n_trajectories": 1,
     "sft.context_weight": 0.0, "train.warmup_steps": 0, "sft.warmup_steps": 0, "train.min_lr_frac": 0.0,
 }
@@ -286,13 +272,15 @@ GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # advant
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of dataclass ``cls`` (read from its source)."""
+    """The docstring under each field of dataclass ``cls`` (read from its source and its bases')."""
+    docs = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)][1:]):
+        docs.update(field_docs(base))
     try:
         tree = ast.parse(inspect.getsource(cls).lstrip())
     except (OSError, TypeError, SyntaxError):
-        return {}
+        return docs
     body = tree.body[0].body
-    docs = {}
     for node, nxt in zip(body, body[1:]):
         if (
             isinstance(node, ast.AnnAssign)
@@ -462,18 +450,17 @@ def dumps_config(obj: Any) -> str:
     lines: list[str] = []
 
     def emit(o: Any, section: str) -> None:
-        scalars = [f for f in dataclasses.fields(o) if not dataclasses.is_dataclass(getattr(o, f.name))]
-        nested = [f for f in dataclasses.fields(o) if dataclasses.is_dataclass(getattr(o, f.name))]
+        items = o.items() if isinstance(o, dict) else [(f.name, getattr(o, f.name)) for f in dataclasses.fields(o)]
+        is_table = lambda v: dataclasses.is_dataclass(v) or (isinstance(v, dict) and section == "")  # noqa: E731
+        scalars = [(k, v) for k, v in items if not is_table(v)]
         if scalars:
             if section:
                 lines.append(f"[{section}]")
-            for f in scalars:
-                v = getattr(o, f.name)
-                if v is not None:
-                    lines.append(f"{f.name} = {_toml_value(v)}")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars if v is not None)
             lines.append("")
-        for f in nested:
-            emit(getattr(o, f.name), f"{section}.{f.name}" if section else f.name)
+        for k, v in items:
+            if is_table(v):  # a section ([env] is a plain table: its keys belong to the environment)
+                emit(v, f"{section}.{k}" if section else k)
 
     emit(obj, "")
     return "\n".join(lines)
@@ -481,11 +468,11 @@ def dumps_config(obj: Any) -> str:
 
 def save_config(obj: Any, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp file + rename)."""
+    from sidpt.files import atomic_write  # a leaf too
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dumps_config(obj))
-    os.replace(tmp, path)
+    atomic_write(path, dumps_config(obj))
 
 
 def help_text(cls: type = Config, prefix: str = "") -> str:

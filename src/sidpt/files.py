@@ -13,3 +13,21 @@ def umask_mode(path: str | os.PathLike) -> None:
     umask = os.umask(0)
     os.umask(umask)
     Path(path).chmod((0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file beside it, then a rename, so
+    a reader (or a run killed mid-write) sees the old file or the new one, never half of one. The
+    one writer behind configs, results, caches, task files and tokenizers."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    umask_mode(tmp)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,7 +1,7 @@
 """The trainer role: FSDP2 policy, log-prob recompute, RL and SFT updates, full-weight buckets.
 
 The policy is sharded with ``fully_shard`` over the trainer mesh (per block, then the root); a
-single process trains the plain module. Every update splits the local batch into micro-batches
+single process trains the plain module. Every collective here runs on the trainer mesh's group. Every update splits the local batch into micro-batches
 under a token budget (along trajectories, padding trimmed per micro-batch) and sums their loss
 contributions, which ``sidpt.rl.losses`` normalises by global counts, so the step does not depend
 on the micro-batch split or the number of ranks. FSDP2 averages gradients over the mesh, so the
@@ -23,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, SEQ_LEN, TOKENS
+from sidpt.dist.transfer import bucket_names
 from sidpt.dist.world import all_reduce_max, all_reduce_sum
 from sidpt.model.model import Transformer, token_logprobs
 from sidpt.rl import TRAIN_MASK, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
@@ -97,6 +98,7 @@ class Trainer:
     def __init__(self, model: Transformer, optim: OptimConfig, mesh=None, reference: bool = False):
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
         self.dp = mesh.size() if mesh is not None else 1
+        self.group = mesh.get_group("dp") if mesh is not None else None  # the trainer mesh's group
         if mesh is not None and self.dp > 1:
             for layer in model.layers:
                 fully_shard(layer, mesh=mesh)
@@ -106,15 +108,27 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
                                      weight_decay=optim.weight_decay, eps=1e-8)
+        self.minibatch_stats: list[dict[str, float]] = []  # the last rl_step's, one per optimizer step
 
     def _aligned(self, mbs: list[TensorDict]) -> list[TensorDict]:
         """Pad the micro-batch list with loss-free copies so every rank runs the same count."""
-        n = all_reduce_max(len(mbs), self.device)
+        n = int(all_reduce_max([len(mbs)], self.device, self.group)[0])
         return mbs + [loss_free(mbs[0][:1]) for _ in range(n - len(mbs))]
 
     @torch.no_grad()
-    def recompute(self, batch: TensorDict) -> TensorDict:
-        """OLD_LOGPROBS (and REF_LOGPROBS with a reference model) for every loss token of ``batch``."""
+    def recompute(self, batch: TensorDict, rows: torch.Tensor | None = None) -> TensorDict:
+        """OLD_LOGPROBS (and REF_LOGPROBS with a reference model) for every loss token of ``batch``,
+        or only of the ``rows`` [N] bool (the others get 0: rows the lean step will not train)."""
+        if rows is not None:
+            part = self.recompute(_rows(batch, rows))
+            out = batch.copy()
+            for key in (OLD_LOGPROBS, REF_LOGPROBS):
+                if key in part.keys():
+                    full = torch.zeros(batch[TOKENS].shape, dtype=part[key].dtype, device=part[key].device)
+                    if bool(rows.any()):
+                        full[rows] = part[key]
+                    out[key] = full
+            return out
         T = batch[TOKENS].shape[1]
         olds, refs = [], []
         for mb in self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens)):
@@ -131,17 +145,38 @@ class Trainer:
         return out
 
     def rl_step(self, batch: TensorDict, *, agg: str, loss: str, loss_kwargs: dict, kl_coef: float,
-                entropy_coef: float, norm_len: float | None = None,
-                norm_mask: torch.Tensor | None = None) -> dict[str, float]:
-        """One optimiser step of the policy loss over the local batch (all ranks together).
+                entropy_coef: float, norm_len: float | None = None, keep: torch.Tensor | None = None,
+                mini_batches: int = 1, epochs: int = 1) -> dict[str, float]:
+        """``epochs`` passes over the local batch, each split into ``mini_batches`` consecutive row
+        chunks with one optimizer step each (PPO's mini-batches: verl's ``ppo_mini_batch_size`` /
+        ``ppo_epochs``, TRL's ``num_iterations``); every rank takes part in every step.
 
-        ``norm_mask`` is the TRAIN_MASK that the loss normalisers count (default: ``batch``'s own).
-        Pass the whole step's when ``batch`` holds only the trajectories with a nonzero advantage
-        (see ``signal_rows``): the others have an exactly-zero gradient, so the step is the same."""
+        From the second optimizer step on, pi differs from pi_old (OLD_LOGPROBS stays the recompute
+        before the first), so ratios leave 1 and the clip acts; ``self.minibatch_stats`` keeps each
+        step's loss, clip fraction and grad norm. Each step's loss normalisers count its whole
+        chunk's TRAIN_MASK over all ranks. With ``keep`` [N] bool (the lean step, ``signal_rows``)
+        only the kept rows run forward and backward: the others have an exactly-zero gradient and
+        stay in the normalisers, so the update is the same. 1 mini-batch, 1 epoch: the plain step."""
         if batch.batch_size[0] == 0:
             raise ValueError("rl_step: an empty batch (a rank with nothing to train passes loss_free(rows[:1]))")
-        mask_for_norm = batch[TRAIN_MASK] if norm_mask is None else norm_mask
-        norm = all_reduce_norm(loss_norm(mask_for_norm, agg, norm_len), device=self.device)
+        N = batch.batch_size[0]
+        bounds = [round(i * N / mini_batches) for i in range(mini_batches + 1)]
+        self.minibatch_stats = []
+        for _ in range(epochs):
+            for lo, hi in zip(bounds, bounds[1:]):
+                chunk = batch[lo:hi] if hi > lo else loss_free(batch[:1])
+                rows = chunk if keep is None or hi == lo else _rows(chunk, keep[lo:hi])
+                self.minibatch_stats.append(self._policy_step(rows, chunk[TRAIN_MASK], agg, loss, loss_kwargs,
+                                                              kl_coef, entropy_coef, norm_len, keep is not None))
+        stats = dict(self.minibatch_stats[-1]) if len(self.minibatch_stats) == 1 else _mean_stats(self.minibatch_stats)
+        stats["train/optimizer_steps"] = len(self.minibatch_stats)
+        return stats
+
+    def _policy_step(self, batch: TensorDict, norm_mask: torch.Tensor, agg: str, loss: str, loss_kwargs: dict,
+                     kl_coef: float, entropy_coef: float, norm_len: float | None, partial: bool) -> dict[str, float]:
+        """One optimizer step of the policy loss over ``batch``, normalised by ``norm_mask``'s counts
+        over all trainer ranks (``partial``: ``batch`` holds only part of those rows)."""
+        norm = all_reduce_norm(loss_norm(norm_mask, agg, norm_len), group=self.group, device=self.device)
         mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
         self.opt.zero_grad(set_to_none=True)
         sums = {"train/seqs": float(batch[TRAIN_MASK].any(-1).sum()),  # trajectories with a loss token
@@ -157,11 +192,11 @@ class Trainer:
             m["train/entropy_sum"] = torch.where(mb[TRAIN_MASK], ent.detach(), 0.0).sum()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        if norm_mask is not None:  # an aggregate over part of the batch's tokens: not a mean of anything
+        if partial:  # an aggregate over part of the batch's tokens: not a mean of anything
             sums.pop("loss/entropy", None)
         stats = self._optimizer_step()
         keys = sorted(sums)
-        stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device)))
+        stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device, self.group)))
         stats["train/tokens"] = norm.num_tokens
         stats["train/micro_batches"] = len(mbs)
         n_tok = stats.pop("train/entropy_tokens")
@@ -180,7 +215,7 @@ class Trainer:
             real[:, 0] = False  # token 0 has no prediction
             return torch.where(mb[LOSS_MASK], 1.0, context_weight * real.float())
 
-        total_w = all_reduce_sum([float(weights(batch).sum())], self.device)[0]
+        total_w = all_reduce_sum([float(weights(batch).sum())], self.device, self.group)[0]
         mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
@@ -191,7 +226,7 @@ class Trainer:
             (loss * self.dp).backward()
             total += float(loss.detach())
         stats = self._optimizer_step()
-        stats["sft/loss"] = all_reduce_sum([total], self.device)[0]
+        stats["sft/loss"] = all_reduce_sum([total], self.device, self.group)[0]
         return stats
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -219,18 +254,28 @@ class Trainer:
 
     @torch.no_grad()
     def full_weights(self, bucket_mb: float = 64.0) -> Iterator[dict[str, torch.Tensor]]:
-        """Full (unsharded) parameters in buckets of about ``bucket_mb``; collective on the trainer
-        mesh (every trainer rank must iterate to the end)."""
-        bucket, size = {}, 0
-        for name, p in self.model.named_parameters():
-            t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-            bucket[name] = t
-            size += t.numel() * t.element_size()
-            if size >= bucket_mb * 2**20:
-                yield bucket
-                bucket, size = {}, 0
-        if bucket:
-            yield bucket
+        """Full (unsharded) parameters in buckets of about ``bucket_mb`` (``bucket_names``' rule);
+        collective on the trainer mesh (every trainer rank must iterate to the end)."""
+        params = dict(self.model.named_parameters())
+        for names in bucket_names(((n, p.numel() * p.element_size()) for n, p in params.items()), bucket_mb):
+            yield {n: params[n].full_tensor() if isinstance(params[n], DTensor) else params[n].detach() for n in names}
+
+
+def _rows(batch: TensorDict, keep: torch.Tensor) -> TensorDict:
+    """``batch[keep]``, or one loss-free row when nothing is kept (the collectives in the trainer's
+    forward and backward need every rank to run)."""
+    return batch[keep] if bool(keep.any()) else loss_free(batch[:1])
+
+
+def _mean_stats(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Per-step statistics of several optimizer steps: the mean of each (grad norm, losses, clip
+    fraction), the first and last step's clip fraction, the sums of counts."""
+    out = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+    for k in ("train/seqs", "train/tokens", "train/micro_batches"):
+        out[k] = sum(s[k] for s in steps)
+    if "loss/clip_frac" in steps[0]:
+        out["loss/clip_frac_first"], out["loss/clip_frac_last"] = steps[0]["loss/clip_frac"], steps[-1]["loss/clip_frac"]
+    return out
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str = "constant", warmup: int = 0,

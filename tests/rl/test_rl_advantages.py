@@ -235,9 +235,10 @@ def test_dynamic_sampling_fixture():
     keep, dropped = dynamic_sampling_filter(reward, gid)
     assert keep.tolist() == [False, False, False, True, True, False, False, False]
     assert dropped == 3  # group 4 (all 1), group 8 (all 0), group 3 (one sample)
-    batch = TensorDict({REWARD: reward, GROUP_ID: gid}, batch_size=[8])
+    batch = TensorDict({REWARD: reward, GROUP_ID: gid, LOSS_MASK: torch.ones(8, 3, dtype=torch.bool)}, batch_size=[8])
     kept, stats = dynamic_sampling(batch)
-    assert kept[REWARD].tolist() == [0.0, 1.0]
+    assert kept[LOSS_MASK].any(-1).tolist() == keep.tolist()  # rows stay; the dropped groups have no loss token
+    assert kept[REWARD].tolist() == reward.tolist()
     assert stats == {"dapo/groups_dropped": 3, "dapo/groups_total": 4}
 
 

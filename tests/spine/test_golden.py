@@ -22,7 +22,7 @@ GOLDEN = Path(__file__).with_name("golden.json")
 # debug.toml, shorter: 60 SFT steps (the tool format), 4 GRPO steps at lr 1e-3 (F1 reward: steps 0 and 3 train)
 OVERRIDES = ["--sft.steps=60", "--run.steps=4", "--rollout.prompts_per_step=8", "--train.lr=1e-3",
              "--task.eval_questions=2", "--run.threads=1",
-             "--task.n_entities=40"]
+             "--env.n_entities=40"]
 KEYS = {"sft_step": ("sft/loss", "sft/grad_norm"), "step": ("loss/total", "train/grad_norm", "reward/mean")}
 
 
@@ -41,7 +41,7 @@ def cpu_name() -> str:
 def golden_run(out: Path, dtype: str, extra: list[str] = ()) -> dict[str, list[float]]:
     """Run debug.toml with OVERRIDES in ``dtype``; the per-step values of KEYS from metrics.jsonl."""
     args = [sys.executable, "-m", "sidpt", str(ROOT / "configs/debug.toml"), *OVERRIDES, f"--model.dtype={dtype}",
-            f"--run.out_dir={out}", f"--task.dir={out / 'task'}", "--run.name=golden", *extra]
+            f"--run.out_dir={out}", f"--env.dir={out / 'task'}", "--run.name=golden", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -42,34 +42,43 @@ def init_world() -> World:
     return World(rank, world_size, local_rank, device)
 
 
+def barrier(group=None) -> None:
+    """A barrier on ``group`` (default: the world, for start-up file writes); no-op in one process."""
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few scalars over all ranks (identity in a single process)."""
+def all_reduce_sum(values: list[float], device: torch.device, group) -> list[float]:
+    """Sum a few scalars over the ranks of ``group`` (a role's mesh group or a bridge group; pass
+    it explicitly, ``None`` only in one process: the identity)."""
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
-def gather_to_main(items: list, world: "World") -> list:
-    """Every rank's ``items`` (picklable), concatenated in rank order on the main rank; [] on the
+def gather_to_main(items: list, world: "World", group) -> list:
+    """Every ``group`` rank's ``items`` (picklable; logs and examples, not the hot path),
+    concatenated in rank order on the main rank (global rank 0, a member of ``group``); [] on the
     others; ``items`` itself in a single process."""
     if not dist.is_initialized():
         return list(items)
-    out = [None] * world.world_size if world.is_main else None
-    dist.gather_object(list(items), out, dst=0)
+    out = [None] * dist.get_world_size(group) if world.is_main else None
+    dist.gather_object(list(items), out, dst=0, group=group)
     return [x for part in out for x in part] if world.is_main else []
 
 
-def all_reduce_max(value: int, device: torch.device) -> int:
+def all_reduce_max(values: list[float], device: torch.device, group) -> list[float]:
+    """Elementwise max of a few scalars over the ranks of ``group`` (identity in one process)."""
     if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()

@@ -1,52 +1,93 @@
-"""Environments: the text-level multi-turn protocol, BM25 search, answer scoring, a synthetic search task.
+"""Environments: the text-level multi-turn protocol (``base``) and the tasks built on it.
 
-- ``base``: ``Env`` (``reset`` / ``step`` / ``end`` / ``stop_strings``), ``EnvState``,
-  ``StepResult``; ``run_episode`` drives an env with a Python policy; ``encode_turns`` gives ids
-  and the loss mask (observations 0). Environments speak text; the controller tokenizes.
-- ``bm25``: JSONL corpus, Okapi BM25 (k1=1.2, b=0.75, Lucene IDF), index cached beside the corpus.
-- ``scoring``: SQuAD-normalised exact match and token F1.
-- ``search``: ``SearchEnv`` (``<search>`` / ``<information>`` / ``<answer>``), ``load_questions``
-  (sidpt and Search-R1 layouts), prompts.
-- ``task``: ``make_search_task`` (invented people, namesake distractors, entity-disjoint splits)
-  and ``sft_episodes`` (ideal trajectories on SFT-only entities).
+- ``base``: ``Env`` (``reset`` / ``step`` / ``end`` / ``stop_strings``, text in, text out),
+  ``Task`` (what the controller needs from an environment: samples, prompts, SFT trajectories,
+  tokenizer texts, ``metrics(episodes)``, the table's columns), ``run_episode`` and
+  ``encode_turns``.
+- ``search/``: multi-turn BM25 search over a corpus (``<search>`` / ``<information>`` /
+  ``<answer>``), its fictional-entity task generator and SFT trajectories, EM / F1 / retrieval
+  statistics.
+- ``arith``: single-turn integer arithmetic with a programmatic reward (the second environment).
 
-    env = SearchEnv(SearchEnvConfig(corpus="task/corpus.jsonl"))
-    state = env.reset(load_questions("task/train.jsonl")[0])
-    res = env.step(state, "<search>Zorvath Kellimar</search>")   # res.observation: <information>...
-    res = env.step(state, "<answer>Quorbin</answer>")            # res.done, res.reward in {0, 1}
+``[env] name`` chooses the environment: a name in ``ENVIRONMENTS`` or the dotted path of your
+own module (a ``Config`` dataclass and ``make_task``, see ``base.Task``). ``task.reward =
+"module:function"`` replaces any environment's reward with your function.
 """
 
-from sidpt.env.base import FINISH_CODES, Env, EnvState, Episode, StepResult, Turn, encode_turns, run_episode
-from sidpt.env.bm25 import BM25, CorpusError, Doc, load_bm25, load_corpus, tokenize
-from sidpt.env.scoring import exact_match, normalize_answer, token_f1
-from sidpt.env.search import (
-    ANSWER_CLOSE,
-    ANSWER_OPEN,
-    ERROR_KINDS,
-    INFO_CLOSE,
-    INFO_OPEN,
-    INSTRUCTION,
-    SEARCH_CLOSE,
-    SEARCH_OPEN,
-    STOP_STRINGS,
-    Action,
-    DataError,
-    Question,
-    SearchEnv,
-    SearchEnvConfig,
-    as_question,
-    format_prompt,
-    load_questions,
-    parse_action,
-    prompt_messages,
-)
-from sidpt.env.task import ATTRIBUTES, make_search_task, sft_episodes
+from __future__ import annotations
 
-__all__ = [
-    "ANSWER_CLOSE", "ANSWER_OPEN", "ATTRIBUTES", "BM25", "ERROR_KINDS", "FINISH_CODES", "INFO_CLOSE",
-    "INFO_OPEN", "INSTRUCTION", "SEARCH_CLOSE", "SEARCH_OPEN", "STOP_STRINGS", "Action", "CorpusError",
-    "DataError", "Doc", "Env", "EnvState", "Episode", "Question", "SearchEnv", "SearchEnvConfig",
-    "StepResult", "Turn", "as_question", "encode_turns", "exact_match", "format_prompt", "load_bm25",
-    "load_corpus", "load_questions", "make_search_task", "normalize_answer", "parse_action",
-    "prompt_messages", "run_episode", "sft_episodes", "token_f1", "tokenize",
-]
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any, Callable
+
+from sidpt.errors import ConfigError
+
+ENVIRONMENTS = {"search": "sidpt.env.search", "arith": "sidpt.env.arith"}
+
+
+def load_environment(table: dict[str, Any]) -> tuple[ModuleType, Any]:
+    """The environment module named by ``table["name"]`` and its ``Config`` built from the rest of
+    ``table`` (strictly: an unknown key or a wrong type names ``env.<key>``)."""
+    from sidpt.config import from_dict  # config.py is a leaf: it imports no environment
+
+    rest = dict(table)
+    name = rest.pop("name", "search")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"env.name={name!r}: expected one of {list(ENVIRONMENTS)} or a module path")
+    path = ENVIRONMENTS.get(name, name)
+    try:
+        module = importlib.import_module(path)
+    except ImportError as e:
+        raise ConfigError(f"env.name={name!r}: not one of {list(ENVIRONMENTS)}, and no module {path!r} can be "
+                          f"imported ({e})") from None
+    for attr in ("Config", "make_task"):
+        if not hasattr(module, attr):
+            raise ConfigError(f"env.name={name!r}: module {path!r} has no {attr} (an environment defines a Config "
+                              f"dataclass and make_task; see sidpt.env.base.Task)")
+    return module, from_dict(module.Config, rest, "env.")
+
+
+def env_table(name: str, cfg: Any) -> dict[str, Any]:
+    """The resolved ``[env]`` table (every key, defaults filled in) that is saved with the run."""
+    return {"name": name, **dataclasses.asdict(cfg)}
+
+
+def load_reward(spec: str) -> Callable[[Any, str, dict], float] | None:
+    """``task.reward = "module:function"``: ``function(sample, response_text, info) -> float`` becomes
+    every episode's reward (verl's custom reward function); empty: the environment's own."""
+    if not spec:
+        return None
+    module_name, _, fn_name = spec.partition(":")
+    if not module_name or not fn_name:
+        raise ConfigError(f"task.reward={spec!r}: expected 'module:function' (e.g. 'my_rewards:score')")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"task.reward={spec!r}: cannot import module {module_name!r} ({e}); is it on "
+                          f"PYTHONPATH?") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"task.reward={spec!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def score(episodes: list, reward_fn, decode) -> list:
+    """The reward stage: with your ``task.reward`` function, each finished episode's reward is
+    ``reward_fn(sample, response_text, info)`` (its response: everything after the prompt, tool
+    observations included, as text); without one the environment's reward stands. A function that
+    raises or returns a non-finite value names the sample."""
+    if reward_fn is None:
+        return episodes
+    import math
+
+    for e in episodes:
+        try:
+            r = float(reward_fn(e.sample, decode(e.out.tokens[e.out.prompt_len:]), dict(e.info)))
+        except Exception as err:
+            raise ConfigError(f"task.reward: your function failed on sample {getattr(e.sample, 'id', '?')!r}: "
+                              f"{type(err).__name__}: {err}") from err
+        if not math.isfinite(r):
+            raise ConfigError(f"task.reward: your function returned {r} for sample {getattr(e.sample, 'id', '?')!r}")
+        e.reward = r
+    return episodes

@@ -91,6 +91,54 @@ class Episode:
     info: dict[str, Any]
 
 
+class Task(Protocol):
+    """What the controller needs from an environment: its data, its episodes, its statistics.
+
+    An environment is a module with a ``Config`` dataclass (its ``[env]`` keys, validated strictly
+    by ``sidpt.config.from_dict``; a ``validate()`` method may check more) and
+    ``make_task(cfg, is_main: bool, need_sft: bool) -> Task``. ``make_task`` runs on every rank:
+    files are written by the main rank only, and it ends with a barrier when it wrote any.
+    ``sidpt.env.load_environment`` finds the module by ``env.name``.
+
+    Samples are the environment's own task rows; the controller reads only ``sample.id`` and
+    ``sample.where`` (the file and line it came from, for errors; may be "")."""
+
+    train: list
+    """Samples that RL draws its prompts from."""
+    heldout: list
+    """Samples of the greedy evaluation before and after RL."""
+    env: Env
+    """The episode protocol (reset / step / end / stop_strings)."""
+    eval_columns: tuple[tuple[str, str], ...]
+    """(metric name of ``metrics``, column title) of the before/after table, in order."""
+    tokenizer_dir: Any
+    """Directory where a random-init model's tokenizer, trained on ``tokenizer_texts``, is cached."""
+
+    def prompt(self, sample: Any) -> str:
+        """The prompt text of a sample (raw text; with ``task.chat`` the user message)."""
+        ...
+
+    def sft_episodes(self, n: int, seed: int) -> list[Episode]:
+        """Up to ``n`` ideal trajectories for the SFT warm-start (``Episode.sample`` set), on samples
+        outside ``train`` and ``heldout`` where the task has them."""
+        ...
+
+    def tokenizer_texts(self) -> tuple[list[str], list[str]]:
+        """Texts a random-init model's tokenizer is trained on (everything the model reads or
+        writes), and the strings that must be single tokens (tool tags)."""
+        ...
+
+    def metrics(self, episodes: list) -> dict[str, tuple[float, float]]:
+        """Statistics of finished episodes (``sidpt.rollout.multiturn.Episode``: ``sample``,
+        ``reward``, ``info``, ``out``) as name -> (sum, count); the controller sums both over
+        ranks and logs sum / count, so a mean over a subset (count < episodes) is exact too."""
+        ...
+
+    def example(self, episode: Any, response: str) -> dict[str, Any]:
+        """One held-out episode as a JSON-able row of ``examples_*.jsonl`` (``response``: its text)."""
+        ...
+
+
 def run_episode(env: Env, sample: Any, policy: Callable[[list[Turn]], str], max_steps: int = 64) -> Episode:
     """Drive one episode at the text level: ``policy(turns so far) -> the model's next turn``.
 

@@ -259,7 +259,12 @@ def compute_advantages(
 
 
 def dynamic_sampling(batch: TensorDict) -> tuple[TensorDict, dict[str, int]]:
-    """Drop the groups of ``batch`` whose rewards are all equal (DAPO); report how many."""
+    """DAPO on a batch: the groups whose rewards are all equal (``dynamic_sampling_filter``, the one
+    rule) lose their loss tokens, so they leave the loss normalisers too; report how many. Rows
+    stay (the batch keeps its shape: the lean step then skips them like any zero-advantage row)."""
     keep, dropped = dynamic_sampling_filter(batch[REWARD], batch[GROUP_ID])
     total = int(torch.unique(batch[GROUP_ID]).numel())
-    return batch[keep], {"dapo/groups_dropped": dropped, "dapo/groups_total": total}
+    out = batch.copy()
+    if LOSS_MASK in batch.keys():
+        out[LOSS_MASK] = batch[LOSS_MASK] & keep[:, None]
+    return out, {"dapo/groups_dropped": dropped, "dapo/groups_total": total}

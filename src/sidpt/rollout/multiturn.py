@@ -30,6 +30,7 @@ class Episode:
     out: Output  # the engine's final view of the whole trajectory
     reward: float
     info: dict[str, Any]
+    sample: Any = None  # the task row it ran on (``Job.sample``)
 
 
 @dataclass
@@ -69,6 +70,8 @@ def run_episodes(engine: Engine, env, jobs: list[Job], params: SamplingParams,
             if out.finish_reason == "tool":
                 engine.release(key)
             done[key] = Episode(key, key[0], out, float(res.reward), dict(res.info))
+    for j in jobs:
+        done[(j.group, j.index)].sample = j.sample
     return [done[(j.group, j.index)] for j in jobs]
 
 

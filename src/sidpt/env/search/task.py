@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from sidpt.env.base import Episode, Turn, run_episode
-from sidpt.env.search import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, Question, SearchEnv
+from sidpt.files import atomic_write
+from sidpt.env.search.env import ANSWER_CLOSE, ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, Question, SearchEnv
 
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
           "br", "dr", "kr", "st", "th", "tr")
@@ -190,9 +191,7 @@ def guess_baseline(train: list[dict[str, Any]], heldout: list[dict[str, Any]],
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def check_attributes(attributes) -> tuple[str, ...]:

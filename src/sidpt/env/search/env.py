@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidpt.env.base import EnvState, StepResult
-from sidpt.env.bm25 import BM25, Doc, jsonl_rows, load_bm25, tokenize, utf8_text
-from sidpt.env.scoring import exact_match, token_f1
+from sidpt.errors import ConfigError
+from sidpt.env.search.bm25 import BM25, Doc, jsonl_rows, load_bm25, tokenize, utf8_text
+from sidpt.env.search.scoring import exact_match, token_f1
 
 SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -236,8 +237,6 @@ class SearchEnvConfig:
     """BM25 length normalisation."""
 
     def validate(self) -> None:
-        from sidpt.config import ConfigError  # here, not at the top: sidpt.config imports this module
-
         for key in ("topk", "max_turns", "max_query_chars"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"env.{key}: must be >= 1, got {getattr(self, key)}")

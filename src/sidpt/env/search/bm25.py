@@ -34,7 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidpt.files import umask_mode
+from sidpt.files import atomic_write
 
 TOKEN_RE = re.compile(r"[^\W_]+")
 CACHE_SUFFIX = ".bm25.json"
@@ -173,18 +173,6 @@ def cache_path(corpus_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + CACHE_SUFFIX)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    umask_mode(tmp)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_bm25(corpus_path: str | os.PathLike, k1: float = 1.2, b: float = 0.75, cache: bool = True) -> BM25:
     """BM25 over the JSONL corpus at ``corpus_path``, its index read from (or written to) the cache.
 
@@ -208,7 +196,7 @@ def load_bm25(corpus_path: str | os.PathLike, k1: float = 1.2, b: float = 0.75, 
         blob = {"format": INDEX_FORMAT, "corpus_sha256": key, "n_docs": len(docs), "doc_len": doc_len,
                 "postings": postings}
         try:
-            _write_atomic(cpath, json.dumps(blob, separators=(",", ":")))
+            atomic_write(cpath, json.dumps(blob, separators=(",", ":")))
         except OSError:
             pass
     return BM25(docs, doc_len, postings, k1, b)

@@ -1,0 +1,151 @@
+"""What crosses the role meshes in disaggregated placement: trajectory batches and weights.
+
+**Trajectory groups, rollout -> trainer** (``send_groups`` / ``recv_groups``, point-to-point on
+the Plan's ``bridge`` group). Trainer dp rank ``t`` of ``D`` trains the groups ``g`` with
+``g % D == t`` (a deterministic rule every rank knows), so each rollout rank sends each trainer
+rank exactly the rows it trains. The wire format is fixed, no pickled object on the way:
+
+    header   int64 [2]       N rows, T tokens (N may be 0: the trainer still learns it has none)
+    then, in WIRE order, each tensor as it is in ``sidpt.batch`` (bool travels as uint8):
+    tokens [N, T] int64, loss_mask [N, T] bool, rollout_logprobs [N, T] float32,
+    policy_version [N, T] int32, seq_len [N] int64, prompt_len [N] int64, group_id [N] int64,
+    reward [N] float32, finish_reason [N] int8
+
+A trainer rank concatenates what it receives in rollout-rank order (right-padding to the
+longest T) and orders rows by (group, arrival), so the batch does not depend on timing.
+
+**Weights, trainer -> rollout** (``broadcast_weights`` / ``receive_weights``, a broadcast from the
+main trainer rank over ``weight_group``). The trainer's FSDP2 DTensor shards are all-gathered on
+the trainer mesh bucket by bucket (``Trainer.full_weights``); each bucket is flattened into one
+contiguous buffer per dtype and broadcast in one call. Receivers know the layout without a header:
+``bucket_names`` splits the parameter list by the same rule on both sides (same model, same
+``train.publish_bucket_mb``). Never through disk.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+
+from sidpt.batch import (
+    FINISH_REASON, GROUP_ID, LOSS_MASK, POLICY_VERSION, PROMPT_LEN, REWARD, ROLLOUT_LOGPROBS, SEQ_LEN, TOKENS,
+)
+
+# (key, dtype, per-token) in wire order
+WIRE = ((TOKENS, torch.int64, True), (LOSS_MASK, torch.bool, True), (ROLLOUT_LOGPROBS, torch.float32, True),
+        (POLICY_VERSION, torch.int32, True), (SEQ_LEN, torch.int64, False), (PROMPT_LEN, torch.int64, False),
+        (GROUP_ID, torch.int64, False), (REWARD, torch.float32, False), (FINISH_REASON, torch.int8, False))
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    return (t.to(torch.uint8) if t.dtype == torch.bool else t).contiguous()
+
+
+def send_groups(batch: TensorDict, trainer_ranks: list[int], group) -> None:
+    """Rollout side: the rows of ``batch`` that trainer dp rank t trains (``group_id % D == t``) to
+    global rank ``trainer_ranks[t]``, for every t (an empty header where it trains none of them)."""
+    D = len(trainer_ranks)
+    works = []
+    for t, dst in enumerate(trainer_ranks):
+        part = batch[batch[GROUP_ID] % D == t]
+        N, T = part.batch_size[0], part[TOKENS].shape[1] if part.batch_size[0] else 0
+        msgs = [torch.tensor([N, T], dtype=torch.int64)]
+        if N:
+            msgs += [_wire(part[key].to(dtype)) for key, dtype, _ in WIRE]
+        for i, m in enumerate(msgs):
+            works.append(dist.isend(m, dst=dst, group=group, tag=i))
+    for w in works:
+        w.wait()
+
+
+def recv_groups(rollout_ranks: list[int], group) -> TensorDict:
+    """Trainer side: every rollout rank's rows for this trainer rank, as one right-padded batch
+    ordered by (group, arrival order); N = 0 when no group falls to this rank."""
+    parts = []
+    for src in rollout_ranks:
+        header = torch.empty(2, dtype=torch.int64)
+        dist.recv(header, src=src, group=group, tag=0)
+        N, T = header.tolist()
+        if not N:
+            continue
+        td = {}
+        for i, (key, dtype, per_token) in enumerate(WIRE, start=1):
+            wire_dtype = torch.uint8 if dtype == torch.bool else dtype
+            buf = torch.empty((N, T) if per_token else (N,), dtype=wire_dtype)
+            dist.recv(buf, src=src, group=group, tag=i)
+            td[key] = buf.to(torch.bool) if dtype == torch.bool else buf
+        parts.append(td)
+    return join_rows(parts)
+
+
+def join_rows(parts: list[dict[str, torch.Tensor]]) -> TensorDict:
+    """Concatenate row sets (right-padding per-token tensors to the longest), stably ordered by group."""
+    if not parts:
+        return TensorDict({key: torch.zeros((0, 1) if per_token else (0,), dtype=dtype)
+                           for key, dtype, per_token in WIRE}, batch_size=[0])
+    T = max(p[TOKENS].shape[1] for p in parts)
+    cols = {}
+    for key, dtype, per_token in WIRE:
+        pad = -1 if key == POLICY_VERSION else 0
+        cols[key] = torch.cat([torch.nn.functional.pad(p[key], (0, T - p[key].shape[1]), value=pad)
+                               if per_token else p[key] for p in parts])
+    order = torch.sort(cols[GROUP_ID], stable=True).indices
+    return TensorDict({k: v[order] for k, v in cols.items()}, batch_size=[len(order)])
+
+
+def bucket_names(sizes: Iterable[tuple[str, int]], bucket_mb: float) -> list[list[str]]:
+    """Parameter names grouped into buckets of about ``bucket_mb`` (a bucket closes once it holds
+    at least that many bytes): the one rule of ``Trainer.full_weights`` and ``receive_weights``."""
+    out, cur, size = [], [], 0
+    for name, nbytes in sizes:
+        cur.append(name)
+        size += nbytes
+        if size >= bucket_mb * 2**20:
+            out.append(cur)
+            cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).contiguous()
+
+
+def broadcast_weights(buckets: Iterable[dict[str, torch.Tensor]], src: int, group, send: bool) -> int:
+    """Trainer side: iterate the full-weight buckets (collective on the trainer mesh: every trainer
+    rank iterates) and, where ``send`` (the main trainer rank), broadcast each bucket from global
+    rank ``src`` over ``group``, one flat buffer per dtype. Returns the bytes sent."""
+    sent = 0
+    for bucket in buckets:
+        if not send:
+            continue
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in bucket.values():
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for dtype in sorted(by_dtype, key=str):
+            flat = _flat(by_dtype[dtype])
+            dist.broadcast(flat, src=src, group=group)
+            sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def receive_weights(model: torch.nn.Module, bucket_mb: float, src: int, group) -> Iterator[dict[str, torch.Tensor]]:
+    """Rollout side: the buckets ``broadcast_weights`` sends, as {name: tensor} views of the
+    received buffers, for ``Engine.update_weights`` (which copies them in place)."""
+    params = dict(model.named_parameters())
+    for names in bucket_names(((n, p.numel() * p.element_size()) for n, p in params.items()), bucket_mb):
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for n in names:
+            by_dtype.setdefault(params[n].dtype, []).append(n)
+        bucket = {}
+        for dtype in sorted(by_dtype, key=str):
+            ns = by_dtype[dtype]
+            flat = torch.empty(sum(params[n].numel() for n in ns), dtype=dtype, device=params[ns[0]].device)
+            dist.broadcast(flat, src=src, group=group)
+            for n, piece in zip(ns, flat.split([params[n].numel() for n in ns])):
+                bucket[n] = piece.view(params[n].shape)
+        yield bucket

@@ -1,0 +1,142 @@
+"""Everything a run does before its first step: the run directory, threads, the task, the
+tokenizer and the policy, the start-up checks, and the stop flag read at every step boundary."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from sidpt.config import Config, ConfigError, save_config
+from sidpt.data import fit_questions, task_tokenizer
+from sidpt.dist.world import World, all_reduce_max, barrier
+from sidpt.model import SIZES, build_model, load_checkpoint
+from sidpt.model.model import DTYPES
+from sidpt.model.tokenizer import Tokenizer
+
+
+def start_run(cfg: Config, world: World) -> tuple[Console, Path]:
+    """The console (quiet off the main rank) and the run directory, refused when it holds an
+    earlier run; the resolved config saved in it."""
+    # piped to a file, rich wraps at 80 columns mid-phrase: lines as long as a log line instead
+    console = Console(quiet=not world.is_main, width=None if sys.stdout.isatty() else 160)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    check_run_dir(run_dir, cfg.run.overwrite)  # every rank, before any rank writes
+    barrier()  # start-up: the world, before any role exists
+    if world.is_main:
+        save_config(cfg, run_dir / "config.toml")
+    return console, run_dir
+
+
+def load_policy(cfg: Config, task, world: World) -> tuple[Tokenizer, torch.nn.Module]:
+    """The tokenizer and the policy: a checkpoint (``model.path``), or a random-init model of
+    ``model.size`` with a tokenizer trained on the task's text (cached beside the task)."""
+    dtype = DTYPES[cfg.model.dtype]
+    torch.manual_seed(cfg.run.seed)
+    if cfg.model.path:
+        tok = Tokenizer(cfg.model.path)
+        policy = load_checkpoint(cfg.model.path, dtype=dtype, device=world.device)
+        check_vocab(tok.vocab_size, policy.args.vocab_size, cfg.model.path)
+        return tok, policy
+    if cfg.model.size not in SIZES:
+        raise ConfigError(f"model.size={cfg.model.size!r}: expected one of {list(SIZES)}")
+    texts = lambda: task.tokenizer_texts()[0]  # noqa: E731 (built on the main rank only)
+    tok = task_tokenizer(texts, task.tokenizer_texts()[1], task.tokenizer_dir, cfg.model.vocab_size, world.is_main,
+                         cfg.model.tokenizer)
+    args = dataclasses.replace(SIZES[cfg.model.size], vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
+    return tok, build_model(args, dtype=dtype, device=world.device, seed=cfg.run.seed)
+
+
+def prompt_encoder(cfg: Config, task, tok: Tokenizer):
+    """sample -> prompt ids: the task's prompt as raw text, or (``task.chat``) the model's own chat
+    template with an optional system message, ending with the assistant header."""
+    def prompt_ids(sample) -> list[int]:
+        if not cfg.task.chat:
+            return tok.encode(task.prompt(sample))
+        system = [{"role": "system", "content": cfg.task.system}] if cfg.task.system else []
+        return tok.encode_chat(system + [{"role": "user", "content": task.prompt(sample)}], add_generation_prompt=True)
+    return prompt_ids
+
+
+def fit_samples(cfg: Config, task, prompt_ids, console: Console) -> None:
+    """Check every train and held-out prompt against ``rollout.max_model_len`` before any training
+    (``task.too_long``: an error naming file, line and id, or leave them out and say how many)."""
+    for name in ("train", "heldout"):
+        qs = getattr(task, name)
+        kept, n_out = fit_questions(qs, [len(prompt_ids(q)) for q in qs], cfg.rollout.max_model_len,
+                                    cfg.task.too_long, name)
+        if n_out:
+            console.print(f"[yellow]{name}: {n_out} of {len(qs)} samples left out (prompt >= "
+                          f"rollout.max_model_len={cfg.rollout.max_model_len}; task.too_long='skip')[/]")
+        qs[:] = kept
+    if not task.train or not task.heldout:
+        raise ConfigError("no train or no held-out sample fits rollout.max_model_len")
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set a flag that the loops read at step boundaries, so an interrupted run
+    still evaluates and saves; a second SIGINT interrupts at once. ``requested()`` agrees on
+    every rank (one max all-reduce), so no rank leaves the loop alone and hangs the others."""
+
+    def __init__(self, world: World):
+        self.world, self.signal = world, None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: stop now
+
+    def requested(self, group=None) -> bool:
+        """Agreed over ``group``: the world (``None``) between RL steps, where every role takes
+        part; the trainer mesh's group inside the warm-start, which only trainer ranks run."""
+        flag = all_reduce_max([float(self.signal is not None)], self.world.device, group)[0]
+        if flag and self.signal is None:
+            self.signal = "a signal on another rank"
+        return bool(flag)
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to run into an earlier run's directory (its config, metrics, examples and plot would be
+    replaced) unless ``run.overwrite``."""
+    earlier = [p.name for p in (run_dir / "config.toml", run_dir / "metrics.jsonl") if p.exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"run directory {run_dir} holds an earlier run ({', '.join(earlier)}): choose another "
+                          f"--run.name, or pass --run.overwrite=true to replace it")
+
+
+def check_vocab(tokenizer_size: int, model_size: int, path: str) -> None:
+    """A tokenizer larger than the embedding would fail at the first unknown id, deep in a forward
+    (``IndexError: index out of range in self``); a larger embedding (padded rows) is fine."""
+    if tokenizer_size > model_size:
+        raise ConfigError(f"model.path={path!r}: its tokenizer has {tokenizer_size} tokens, the model's "
+                          f"embedding only {model_size} rows")
+
+
+def set_threads(threads: int, local_ranks: int) -> int:
+    """torch threads per rank: ``run.threads``, or the cores this process may run on (its CPU
+    affinity, which SLURM and taskset set; not every core of the machine) over the local ranks."""
+    if not threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // local_ranks)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def threads_note(threads: int, local_ranks: int) -> str:
+    """The thread choice, and a warning when the load average says other jobs are using the cores:
+    torch on busy cores slows down 20-80x (../shared/ENVIRONMENT.md), and the knob is run.threads."""
+    note = f"torch threads per rank: {threads} (run.threads)"
+    if hasattr(os, "getloadavg") and hasattr(os, "sched_getaffinity"):
+        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+        if load > 0.5 and threads * local_ranks > max(1, round(cores - load)):
+            note += (f"; [yellow]load average {load:.1f} on {cores} cores: if other jobs share them, "
+                     f"--run.threads=1 can be many times faster[/]")
+    return note
+
+
