@@ -40,7 +40,7 @@ def test_choice_error_with_did_you_mean():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["--model.dtype=bfloat61"])
     msg = str(e.value)
-    assert "model.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'bfloat61'" in msg
+    assert "model.dtype: expected one of 'float32', 'bfloat16', 'float16', 'float64', got 'bfloat61'" in msg
     assert "did you mean 'bfloat16'" in msg
 
 
@@ -157,8 +157,8 @@ def test_main_prints_one_line_for_user_errors(tmp_path, capsys):
 
 
 def test_non_utf8_data_names_file_and_line(tmp_path):
-    from sidpt.env.bm25 import CorpusError, load_corpus
-    from sidpt.env.search import DataError, load_questions
+    from sidpt.env.search.bm25 import CorpusError, load_corpus
+    from sidpt.env.search.env import DataError, load_questions
 
     q = tmp_path / "train.jsonl"
     q.write_bytes(b'{"question": "a?", "answers": ["b"]}\n{"question": "caf\xe9?", "answers": ["b"]}\n')
@@ -172,7 +172,7 @@ def test_non_utf8_data_names_file_and_line(tmp_path):
 
 def test_questions_longer_than_max_model_len_are_named_or_skipped(tmp_path):
     from sidpt.data import fit_questions
-    from sidpt.env.search import load_questions
+    from sidpt.env.search.env import load_questions
 
     q = tmp_path / "heldout.jsonl"
     q.write_text('{"id": "q1", "question": "short", "answers": ["a"]}\n'
@@ -185,7 +185,7 @@ def test_questions_longer_than_max_model_len_are_named_or_skipped(tmp_path):
 
 
 def test_tokenizer_larger_than_the_model_is_refused():
-    from sidpt.controller import check_vocab
+    from sidpt.startup import check_vocab
 
     check_vocab(49152, 49152, "ckpt")
     check_vocab(49152, 49280, "ckpt")  # padded embedding rows
@@ -194,7 +194,7 @@ def test_tokenizer_larger_than_the_model_is_refused():
 
 
 def test_an_earlier_run_is_not_overwritten_without_asking(tmp_path):
-    from sidpt.controller import check_run_dir
+    from sidpt.startup import check_run_dir
 
     check_run_dir(tmp_path / "new", overwrite=False)  # nothing there yet
     (tmp_path / "old").mkdir()

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sidpt.data import episode_seed, spread_questions, step_indices
-from sidpt.env.search import Question
+from sidpt.data import episode_seed, step_indices
+from sidpt.env.search.data import spread_questions
+from sidpt.env.search.env import Question
 from sidpt.metrics import write_line_png
 
 
@@ -47,7 +48,7 @@ def test_stale_task_dir_is_regenerated_with_its_tokenizer(tmp_path):
     tokenizer trained on the old task goes with it); the same arguments reuse it untouched."""
     import json
 
-    from sidpt.data import prepare_task, task_tokenizer
+    from sidpt.env.search.data import prepare_task, task_tokenizer
 
     task = prepare_task(tmp_path, n_entities=30, seed=0, is_main=True, sft_frac=0.2)
     task_tokenizer(task, 300, is_main=True, kind="word")
@@ -83,7 +84,7 @@ def test_a_second_run_keeps_the_first_runs_metrics_apart(tmp_path):
 # -- issue 14, items 1 and 2: a user's task files are never written; no half-written task -------
 
 def test_a_users_own_task_is_never_written(tmp_path):
-    from sidpt.data import prepare_task
+    from sidpt.env.search.data import prepare_task
     from sidpt.errors import ConfigError
 
     d = tmp_path / "mine"
@@ -103,8 +104,8 @@ def test_a_users_own_task_is_never_written(tmp_path):
 
 
 def test_a_task_killed_while_generating_leaves_nothing_half_written(tmp_path, monkeypatch):
-    import sidpt.env.task as task_mod
-    from sidpt.data import prepare_task
+    import sidpt.env.search.task as task_mod
+    from sidpt.env.search.data import prepare_task
 
     real = task_mod.make_search_task
 
@@ -134,7 +135,7 @@ def _umask() -> int:
 def test_caches_and_checkpoints_are_team_readable(tmp_path):
     """mkstemp/mkdtemp make 0600 files and 0700 directories: a BM25 cache and a checkpoint were
     unreadable by the rest of a team (issue 14, item 8)."""
-    from sidpt.env.bm25 import cache_path, load_bm25
+    from sidpt.env.search.bm25 import cache_path, load_bm25
     from sidpt.model import ModelArgs, build_model, save_checkpoint
 
     corpus = tmp_path / "corpus.jsonl"

@@ -28,10 +28,10 @@ def test_ci_runs_the_readme_test_command():
 def test_entry_validates_config_and_writes_it(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
-         "--run.name=t", f"--task.dir={tmp_path / 'task'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+         "--run.name=t", f"--env.dir={tmp_path / 'task'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "t" / "config.toml").read_text().count("[run]") == 1
-    assert "held-out search questions" in out.stdout and "exact match" in out.stdout
+    assert "held-out samples" in out.stdout and "exact match" in out.stdout
     rows = [json.loads(r) for r in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in rows if "reward/mean" in r]
     sft = [r for r in rows if "sft/loss" in r]
@@ -52,7 +52,7 @@ def test_entry_validates_config_and_writes_it(tmp_path):
     assert (policy / "config.json").exists() and (policy / "tokenizer.json").exists()
     ev = subprocess.run(
         [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
-         "--run.name=e", f"--task.dir={tmp_path / 'task'}", f"--model.path={policy}", "--run.steps=0",
+         "--run.name=e", f"--env.dir={tmp_path / 'task'}", f"--model.path={policy}", "--run.steps=0",
          "--sft.steps=0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     res_e = json.loads((tmp_path / "e" / "results.json").read_text())
@@ -61,7 +61,7 @@ def test_entry_validates_config_and_writes_it(tmp_path):
     assert (tmp_path / "e" / "metrics.jsonl").read_text().count("eval/exact_match") == 1
     again = subprocess.run(  # a rerun under the same name is refused before anything is written
         [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
-         "--run.name=t", f"--task.dir={tmp_path / 'task'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+         "--run.name=t", f"--env.dir={tmp_path / 'task'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr[-3000:]
     assert "holds an earlier run (config.toml, metrics.jsonl)" in again.stderr and "--run.overwrite=true" in again.stderr
     assert not list((tmp_path / "t").glob("metrics.*.jsonl"))  # nothing rotated
@@ -75,7 +75,7 @@ def test_sigint_stops_at_a_step_boundary_and_saves(tmp_path):
     (before: a 40-line traceback and nothing saved)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}",
-         "--run.name=t", f"--task.dir={tmp_path / 'task'}", "--run.steps=500", "--sft.steps=5"],
+         "--run.name=t", f"--env.dir={tmp_path / 'task'}", "--run.steps=500", "--sft.steps=5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     metrics = tmp_path / "t" / "metrics.jsonl"
     deadline = time.time() + 240

@@ -51,13 +51,10 @@ def make_batch(prompts: int, group: int, seq: int, loss_tokens: int, zero: float
 def step(trainer: Trainer, batch: TensorDict, lean: bool) -> tuple[float, float]:
     """(seconds, grad norm) of recompute + correction + rl_step."""
     t = time.perf_counter()
-    norm_mask = None
-    if lean:
-        keep = signal_rows(batch, LOSS_MASK)
-        batch, norm_mask = batch[keep], batch[LOSS_MASK]
-    part, _ = apply_correction(trainer.recompute(batch), "token-tis")
+    keep = signal_rows(batch, LOSS_MASK) if lean else None
+    part, _ = apply_correction(trainer.recompute(batch, rows=keep), "token-tis")
     stats = trainer.rl_step(part, agg="token-mean", loss="ppo", loss_kwargs={}, kl_coef=0.0, entropy_coef=0.0,
-                            norm_mask=norm_mask)
+                            keep=keep)
     return time.perf_counter() - t, stats["train/grad_norm"]
 
 

@@ -5,7 +5,7 @@
 Writes corpus.jsonl, train.jsonl, heldout.jsonl (questions about entities no train question
 mentions), sft.jsonl (questions about a third disjoint set, for the SFT warm-start) and task.json;
 the BM25 index is cached on first use as corpus.jsonl.bm25.json. Deterministic for a seed. See
-``sidpt.env.task`` for the layout.
+``sidpt.env.search.task`` for the layout.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sidpt.env.task import make_search_task
+from sidpt.env.search.task import make_search_task
 
 
 def main(argv: list[str] | None = None) -> None:

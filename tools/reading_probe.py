@@ -34,10 +34,11 @@ from rich.console import Console
 from rich.table import Table
 
 from sidpt.batch import LOSS_MASK, TOKENS
-from sidpt.data import prepare_task, sft_batch, task_tokenizer
-from sidpt.env.bm25 import Doc
-from sidpt.env.search import ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, format_docs, wrap_observation
-from sidpt.env.task import ATTRIBUTES, QUESTION_TEMPLATES, entity_document, make_entities
+from sidpt.data import sft_batch
+from sidpt.env.search.data import prepare_task, task_tokenizer
+from sidpt.env.search.bm25 import Doc
+from sidpt.env.search.env import ANSWER_OPEN, SEARCH_CLOSE, SEARCH_OPEN, format_docs, wrap_observation
+from sidpt.env.search.task import ATTRIBUTES, QUESTION_TEMPLATES, entity_document, make_entities
 from sidpt.model import SIZES, build_model
 
 

@@ -265,9 +265,8 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> di
         sums = {**{f"env/{k}": v for k, v in r.task.metrics(episodes).items()},
                 "reward/mean": (sum(e.reward for e in episodes), n),
                 "rollout/response_tokens": (float(sum(sum(e.out.generated) for e in episodes)), n),
-                "rollout/seq_len": (float(sum(len(e.out.tokens) for e in episodes)), n),
-                "rollout/episodes": (n, 1.0)}
-        row = reduce_metrics(sums, r.world.device, plan.group_of(plan.rollout_mesh))
+                "rollout/seq_len": (float(sum(len(e.out.tokens) for e in episodes)), n)}
+        row = reduce_metrics(sums, r.world.device, plan.group_of(plan.rollout_mesh), totals={"rollout/episodes": n})
         row["perf/gen_tokens_per_s"] = row["rollout/response_tokens"] * row["rollout/episodes"] / max(wall, 1e-9)
         row["policy_version"] = r.engine.policy_version
     row.update(stats)

@@ -20,12 +20,16 @@ from sidpt.rollout import SamplingParams
 from sidpt.rollout.multiturn import Job, run_episodes
 
 
-def reduce_metrics(sums: dict[str, tuple[float, float]], device, group) -> dict[str, float]:
+def reduce_metrics(sums: dict[str, tuple[float, float]], device, group,
+                   totals: dict[str, float] | None = None) -> dict[str, float]:
     """name -> (sum, count) over this rank's episodes -> name -> sum / count over the group's ranks
-    (a name with no count anywhere is left out). Every rank of ``group`` passes the same names."""
-    keys = sorted(sums)
-    flat = all_reduce_sum([v for k in keys for v in sums[k]], device, group)
-    return {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(keys) if flat[2 * i + 1] > 0}
+    (a name with no count anywhere is left out); ``totals``: plain sums over the ranks. Every rank
+    of ``group`` passes the same names (one all-reduce)."""
+    keys, tkeys = sorted(sums), sorted(totals or {})
+    flat = all_reduce_sum([v for k in keys for v in sums[k]] + [totals[k] for k in tkeys], device, group)
+    out = {k: flat[2 * i] / flat[2 * i + 1] for i, k in enumerate(keys) if flat[2 * i + 1] > 0}
+    out.update(zip(tkeys, flat[2 * len(keys):]))
+    return out
 
 
 def evaluate(engine, task, samples: list, prompt_ids, tok, max_new_tokens: int, world, dp: tuple[int, int],
@@ -39,7 +43,7 @@ def evaluate(engine, task, samples: list, prompt_ids, tok, max_new_tokens: int, 
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=eos)
     jobs = [Job(i, 0, q, prompt_ids(q), 0) for i, q in enumerate(samples) if i % dp[1] == dp[0]]
     eps = score(run_episodes(engine, task.env, jobs, params, tok.encode, tok.decode), reward_fn, tok.decode)
-    out = reduce_metrics({**task.metrics(eps), "questions": (float(len(eps)), 1.0)}, world.device, group)
+    out = reduce_metrics(task.metrics(eps), world.device, group, totals={"questions": float(len(eps))})
     if examples_path is not None:
         rows = [(e.group, json.dumps(task.example(e, tok.decode(e.out.tokens[e.out.prompt_len:])))) for e in eps]
         rows = sorted(gather_to_main(rows, world, group))  # every rank's episodes, in sample order

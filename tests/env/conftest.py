@@ -1,7 +1,7 @@
 import pytest
 
-from sidpt.env.search import SearchEnv, SearchEnvConfig, load_questions
-from sidpt.env.task import make_search_task
+from sidpt.env.search.env import SearchEnv, SearchEnvConfig, load_questions
+from sidpt.env.search.task import make_search_task
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-import sidpt.env.bm25 as bm25_mod
-from sidpt.env.bm25 import BM25, CorpusError, Doc, cache_path, load_bm25, load_corpus, tokenize
+import sidpt.env.search.bm25 as bm25_mod
+from sidpt.env.search.bm25 import BM25, CorpusError, Doc, cache_path, load_bm25, load_corpus, tokenize
 
 # Indexed text is title + text; token counts written out by hand below.
 TOY = [
@@ -108,7 +108,7 @@ def test_cache_off_and_unwritable(tmp_path, monkeypatch):
     def refuse(path, text):
         raise PermissionError(f"read-only: {path}")
 
-    monkeypatch.setattr(bm25_mod, "_write_atomic", refuse)
+    monkeypatch.setattr(bm25_mod, "atomic_write", refuse)
     bm = load_bm25(corpus)  # cannot write the cache: the index still works
     assert not bm.from_cache and [d.id for d, _ in bm.search("tart", 1)] == ["d2"]
     assert not cache_path(corpus).exists()

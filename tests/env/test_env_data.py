@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sidpt.env.search import DataError, Question, as_question, load_questions
+from sidpt.env.search.env import DataError, Question, as_question, load_questions
 
 SEARCH_R1_PROMPT = ("Answer the given question. You must conduct reasoning inside <think> and </think> "
                     "first ... For example, <answer> Beijing </answer>. Question: who wrote hamlet?\n")
@@ -64,8 +64,8 @@ def test_search_r1_parquet_questions(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sidpt.data import prepare_task
-    from sidpt.env.search import load_questions
+    from sidpt.env.search.data import prepare_task
+    from sidpt.env.search.env import load_questions
 
     rows = [{"data_source": "nq", "prompt": [{"role": "user", "content": "Answer it. Question: who wrote Dune?"}],
              "reward_model": {"ground_truth": {"target": ["Frank Herbert"]}, "style": "rule"},

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sidpt.env.scoring import exact_match, normalize_answer, token_f1
+from sidpt.env.search.scoring import exact_match, normalize_answer, token_f1
 
 
 @pytest.mark.parametrize("raw,norm", [

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from sidpt.batch import FINISH_STOP, FINISH_TOOL_LIMIT
 from sidpt.config import ConfigError, field_docs, from_dict
 from sidpt.env.base import FINISH_CODES, StepResult, Turn, encode_turns, run_episode
-from sidpt.env.bm25 import load_corpus
-from sidpt.env.search import (
+from sidpt.env.search.bm25 import load_corpus
+from sidpt.env.search.env import (
     CORRECTIONS,
     ERROR_KINDS,
     NO_RESULTS,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sidpt.env.bm25 import load_bm25, load_corpus, tokenize
-from sidpt.env.scoring import exact_match
-from sidpt.env.search import SearchEnv, SearchEnvConfig, format_prompt, load_questions
-from sidpt.env.task import ATTRIBUTES, make_search_task, sft_episodes
+from sidpt.env.search.bm25 import load_bm25, load_corpus, tokenize
+from sidpt.env.search.scoring import exact_match
+from sidpt.env.search.env import SearchEnv, SearchEnvConfig, format_prompt, load_questions
+from sidpt.env.search.task import ATTRIBUTES, make_search_task, sft_episodes
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ("corpus.jsonl", "train.jsonl", "heldout.jsonl", "sft.jsonl", "task.json")
@@ -128,7 +128,7 @@ def test_sft_entities_are_extra_and_seen_once(tmp_path):
 
 
 def test_attributes_choose_the_questions(tmp_path):
-    """task.attributes: questions (train, held-out, SFT) ask only about those; documents still
+    """env.attributes: questions (train, held-out, SFT) ask only about those; documents still
     state every attribute."""
     paths = make_search_task(tmp_path, 40, seed=1, attributes=("rival", "birthplace"))
     meta = json.loads(paths["task"].read_text())

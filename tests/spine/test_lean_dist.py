@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 from tensordict import TensorDict
 
 from sidpt.batch import GROUP_ID, LOSS_MASK, REWARD, ROLLOUT_LOGPROBS, SEQ_LEN, TOKENS
-from sidpt.controller import _rows
 from sidpt.model import build_model
 from sidpt.model.model import ModelArgs
 from sidpt.rl import apply_correction, compute_advantages
@@ -38,9 +37,10 @@ def make_batch() -> TensorDict:
 
 def lean_step(trainer: Trainer, batch: TensorDict) -> dict[str, float]:
     """The controller's lean path: recompute and train the signal rows, normalise on all."""
-    part, _ = apply_correction(trainer.recompute(_rows(batch, signal_rows(batch, LOSS_MASK))), "token-tis")
+    keep = signal_rows(batch, LOSS_MASK)
+    part, _ = apply_correction(trainer.recompute(batch, rows=keep), "token-tis")
     return trainer.rl_step(part, agg="token-mean", loss="ppo", loss_kwargs={}, kl_coef=0.0, entropy_coef=0.0,
-                           norm_mask=batch[LOSS_MASK])
+                           keep=keep)
 
 
 def worker(rank, world, port, expect):

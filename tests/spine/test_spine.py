@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sidpt.batch import LOSS_MASK, OLD_LOGPROBS, ROLLOUT_LOGPROBS, TOKENS
-from sidpt.data import episode_tensors, prepare_task, task_tokenizer
+from sidpt.data import episode_tensors
+from sidpt.env.search.data import prepare_task, task_tokenizer
 from sidpt.env.base import FINISH_CODES, EnvState, Episode, StepResult, Turn
 from sidpt.model import build_model
 from sidpt.model.model import ModelArgs
@@ -94,9 +95,9 @@ def test_publish_makes_engine_equal_trainer(tok):
     lp, _ = sequence_logprobs(trainer.model, tokens)
     lp.sum().backward()
     trainer.opt.step()  # weights moved away from the init
-    from sidpt.controller import probe_check, publish
+    from sidpt.controller import probe_check
 
-    v = publish(trainer, engine, bucket_mb=0.01)  # many small buckets
+    v = engine.update_weights(trainer.full_weights(bucket_mb=0.01))  # colocated publish, many small buckets
     assert v == 1
     for name, p in engine.model.named_parameters():
         assert torch.equal(p, dict(trainer.model.named_parameters())[name])
@@ -116,7 +117,7 @@ def _first_rl_row(out_dir: Path) -> dict:
 
 def test_torchrun_two_ranks_equal_single_process(tmp_path):
     common = [str(ROOT / "configs" / "debug.toml"), "--run.name=t", "--run.steps=1", "--sft.steps=0",
-              f"--task.dir={tmp_path / 'task'}", "--algo.entropy_coef=1.0", "--run.verify_publish=true",
+              f"--env.dir={tmp_path / 'task'}", "--algo.entropy_coef=1.0", "--run.verify_publish=true",
               "--run.threads=1", "--task.eval_questions=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "sidpt", *common, f"--run.out_dir={tmp_path / 'one'}"],
@@ -202,15 +203,12 @@ def test_training_only_the_signal_rows_is_exact(loss, agg, correction):
     results = []
     for lean in (False, True):
         trainer = Trainer(build_model(args, seed=3), OptimConfig(1e-2, 0.0, (0.9, 0.99), 1e9, 64))
-        if lean and correction in REWEIGHT_ONLY:  # recompute and correct the signal rows only
-            part, _ = apply_correction(trainer.recompute(copy.deepcopy(batch)[keep]), correction)
-            norm_mask = batch[LOSS_MASK]
-        else:
-            part, _ = apply_correction(trainer.recompute(copy.deepcopy(batch)), correction)
-            norm_mask = part[TRAIN_MASK] if lean else None
-            part = part[keep] if lean else part
+        rows = keep if lean and correction in REWEIGHT_ONLY else None  # recompute the signal rows only
+        part, _ = apply_correction(trainer.recompute(copy.deepcopy(batch), rows=rows), correction)
+        if rows is not None:
+            assert torch.equal(part[TRAIN_MASK], batch[LOSS_MASK])  # reweighting masks nothing
         stats = trainer.rl_step(part, agg=agg, loss=loss, loss_kwargs={}, kl_coef=0.0, entropy_coef=0.0,
-                                norm_len=16, norm_mask=norm_mask)
+                                norm_len=16, keep=keep if lean else None)
         results.append((stats, {k: p.grad for k, p in trainer.model.named_parameters()}))
     (full, g_full), (lean, g_lean) = results
     assert lean["train/seqs"] <= 4 < full["train/seqs"]

@@ -26,16 +26,10 @@ from typing import Any
 
 from sidpt.dist.world import barrier
 from sidpt.env.base import Episode
-from sidpt.env.search.data import prepare_task, spread_questions
-from sidpt.env.search.env import (
-    CORRECTIONS, INSTRUCTION, NO_RESULTS, Question, SearchEnv, SearchEnvConfig, format_docs, format_prompt,
-    load_questions, wrap_observation,
-)
-from sidpt.env.search.bm25 import Doc
+from sidpt.env.search.data import TAGS, prepare_task, spread_questions, tokenizer_texts
+from sidpt.env.search.env import INSTRUCTION, Question, SearchEnv, SearchEnvConfig, format_prompt, load_questions
 from sidpt.env.search.task import ATTRIBUTES, check_attributes, sft_episodes
 from sidpt.errors import ConfigError
-
-TAGS = ("<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
 
 
 @dataclass
@@ -107,19 +101,7 @@ class SearchTask:
         return sft_episodes(self.env, spread_questions(load_questions(self.files["sft"]), n, seed))
 
     def tokenizer_texts(self) -> tuple[list[str], list[str]]:
-        # the instruction and the observation scaffolding too, so no word the environment writes is
-        # unknown (a custom env.prompt's own words are in no document: they may map to <unk>)
-        docs = [(Doc(str(i), "Title", "text"), 0.0) for i in range(10)]
-        texts = [INSTRUCTION, wrap_observation(format_docs(docs)), NO_RESULTS, *CORRECTIONS.values()]
-        for name in ("corpus", "train", "heldout", "sft"):  # the text the model reads or writes, not ids
-            path = self.files[name]
-            if not path.exists() or path.suffix != ".jsonl":
-                continue
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                texts += [row.get("title", ""), row.get("text", ""), row.get("question", ""),
-                          " ".join(map(str, row.get("answers", [])))]
-        return texts, list(TAGS)
+        return tokenizer_texts(self.files), list(TAGS)
 
     def metrics(self, episodes: list) -> dict[str, tuple[float, float]]:
         n = float(len(episodes))

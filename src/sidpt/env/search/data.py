@@ -14,8 +14,12 @@ import tempfile
 from pathlib import Path
 
 from sidpt.dist.world import barrier
+from sidpt.env.search.bm25 import Doc
+from sidpt.env.search.env import CORRECTIONS, INSTRUCTION, NO_RESULTS, format_docs, wrap_observation
 from sidpt.errors import ConfigError
 from sidpt.files import umask_mode
+
+TAGS = ("<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
 
 def prepare_task(task_dir: str, n_entities: int, seed: int, is_main: bool, sft_frac: float = 0.1,
                  name_pool: int = 0, sft_entities: int = 0, attributes: tuple[str, ...] | None = None,
@@ -44,7 +48,7 @@ def prepare_task(task_dir: str, n_entities: int, seed: int, is_main: bool, sft_f
     if d.is_dir() and any(d.iterdir()) and not generated:  # the user's own task: every rank checks it
         missing = [f"{n}.jsonl" for n in names if not _task_file(d, n).exists() and (n != "sft" or need_sft)]
         if missing:
-            raise ConfigError(f"task.dir={task_dir!r} holds files but no task.json (so it is not a task sidpt "
+            raise ConfigError(f"env.dir={task_dir!r} holds files but no task.json (so it is not a task sidpt "
                               f"generated, and sidpt never writes into it) and lacks {', '.join(missing)}"
                               + (" (needed because sft.steps > 0)" if missing == ["sft.jsonl"] else "")
                               + "; add them, or point env.dir at a new directory to generate a task there")
@@ -93,3 +97,28 @@ def spread_questions(questions: list, n: int, seed: int) -> list:
     return out[:n]
 
 
+
+
+def tokenizer_texts(files: dict[str, Path]) -> list[str]:
+    """The text a random-init model reads and writes (documents, questions, answers; not row ids),
+    with the instruction and the observation scaffolding, so no word the environment writes is
+    unknown (a custom env.prompt's own words are in no document: they may map to <unk>)."""
+    docs = [(Doc(str(i), "Title", "text"), 0.0) for i in range(10)]
+    texts = [INSTRUCTION, wrap_observation(format_docs(docs)), NO_RESULTS, *CORRECTIONS.values()]
+    for name in ("corpus", "train", "heldout", "sft"):
+        path = files[name]
+        if not path.exists() or path.suffix != ".jsonl":
+            continue
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            texts += [row.get("title", ""), row.get("text", ""), row.get("question", ""),
+                      " ".join(map(str, row.get("answers", [])))]
+    return texts
+
+
+def task_tokenizer(files: dict[str, Path], vocab_size: int, is_main: bool, kind: str = "word"):
+    """The search task's tokenizer for random-init models (``sidpt.data.task_tokenizer`` on
+    ``tokenizer_texts``, the tool tags as single tokens), cached beside the corpus."""
+    from sidpt.data import task_tokenizer as train
+
+    return train(lambda: tokenizer_texts(files), list(TAGS), files["corpus"].parent, vocab_size, is_main, kind)
