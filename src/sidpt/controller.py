@@ -97,18 +97,20 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         with _progress(console, "SFT warm-start", cfg.sft.steps) as bar:
             if r.trainer:
                 warm_start(r.trainer, rows, cfg, plan.trainer_dp, tok.pad_id or 0, r.log, r.stop, bar)
+        replay_sft_rows(r)
         publish(r)
     results = {"before": evaluate_heldout(r, "before", 0)}
-    console.print(f"held-out before RL: {describe(results['before'], task.eval_columns)}")
+    if world.is_main:  # the main rank rolls out in every placement: it holds the evaluation
+        console.print(f"held-out before RL: {describe(results['before'], task.eval_columns)}")
     curve = []
     with _progress(console, "GRPO", cfg.run.steps) as bar:
         for step in range(cfg.run.steps):
             if r.stop.requested():
                 break
-            row = rl_step(r, step)
+            row = rl_step(r, step)  # complete on the main rank
             r.log.log(step, row)
-            curve.append((step, row["reward/mean"]))
-            bar(info=f"reward {row['reward/mean']:.3f}  {row['time/step']:.1f}s/step")
+            curve.append((step, row.get("reward/mean", 0.0)))
+            bar(info=f"reward {curve[-1][1]:.3f}  {row['time/step']:.1f}s/step")
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
                 evaluate_heldout(r, f"step{step + 1}", step)
     if curve:  # an eval-only run (no RL step) evaluates once: no "after" identical to "before"
@@ -225,6 +227,7 @@ def publish(r: Run, version: int | None = None) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
 def published_weights_diff(r: Run) -> float:
     """max |engine weight - trainer full weight| over all parameters and rollout ranks (0: every
     engine holds the trainer's weights bitwise). Disaggregated: the trainer sends them once more."""
@@ -279,6 +282,16 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> di
             merged.update({k: v for k, v in part.items() if k not in merged})
         row = merged if r.world.is_main else row
     return row
+
+
+def replay_sft_rows(r: Run) -> None:
+    """Disaggregated: the warm-start ran on the trainer ranks; the main trainer rank's rows (kept
+    in memory by its MetricsLog) go to the main rank's metrics.jsonl over the bridge group."""
+    if not r.plan.disaggregated:
+        return
+    rows = [row for row in r.log.rows if "sft_step" in row] if r.world.rank == r.plan.main_trainer else []
+    for row in gather_to_main(rows, r.world, r.plan.bridge):
+        r.log.log(int(row.pop("sft_step")), row, step_key="sft_step")
 
 
 def evaluate_heldout(r: Run, name: str, step: int) -> dict[str, float]:
