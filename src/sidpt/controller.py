@@ -31,19 +31,22 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, ROLLOUT_LOGPROBS
+from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS
 from sidpt.checkpoint import save_policy
 from sidpt.config import Config, ConfigError
 from sidpt.data import episode_seed, step_indices
 from sidpt.dist.plan import Plan, build_plan
-from sidpt.dist.transfer import broadcast_weights, receive_weights, recv_groups, send_groups
+from sidpt.dist.transfer import (
+    broadcast_weights, receive_weights, recv_groups, request_ref_logprobs, send_groups, serve_ref_logprobs,
+)
 from sidpt.dist.world import World, all_reduce_max, all_reduce_sum, gather_to_main, init_world, shutdown
 from sidpt.env import load_environment, load_reward, score
 from sidpt.env.base import FINISH_CODES
 from sidpt.evaluate import describe, evaluate, reduce_metrics, summary, write_results
 from sidpt.metrics import MetricsLog, Timers
 from sidpt.model import Transformer
-from sidpt.model.model import count_params
+from sidpt.model.model import compute_dtype, count_params
+from sidpt.reference import Reference
 from sidpt.rl import REWEIGHT_ONLY, Correction, apply_correction, compute_advantages, dynamic_sampling, mismatch_metrics
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
 from sidpt.rollout.multiturn import Job, episodes_to_batch, run_episodes
@@ -66,6 +69,7 @@ class Run:
     prompt_ids: Callable
     trainer: Trainer | None
     engine: Engine | None
+    reference: Reference | None  # on reference ranks of their own only
     log: MetricsLog
     stop: StopRequest
     reward_fn: Callable | None
@@ -99,6 +103,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                 warm_start(r.trainer, rows, cfg, plan.trainer_dp, tok.pad_id or 0, r.log, r.stop, bar)
         replay_sft_rows(r)
         publish(r)
+        sync_reference(r)
     results = {"before": evaluate_heldout(r, "before", 0)}
     if world.is_main:  # the main rank rolls out in every placement: it holds the evaluation
         console.print(f"held-out before RL: {describe(results['before'], task.eval_columns)}")
@@ -128,6 +133,8 @@ def rl_step(r: Run, step: int) -> dict[str, float]:
             episodes = score(generate(r, step), r.reward_fn, r.tok.decode)
             batch = episodes_to_batch(episodes, FINISH_CODES, r.tok.pad_id or 0) if episodes else None
     batch = to_trainer(batch, plan)
+    if plan.own_reference and plan.reference_enabled:
+        serve_reference(r)
     if plan.trainer_enabled:
         stats = train(r, batch, lr_at(step, cfg.run.steps, cfg.train.lr, cfg.train.lr_schedule,
                                       cfg.train.warmup_steps, cfg.train.min_lr_frac))
@@ -147,6 +154,28 @@ def generate(r: Run, step: int) -> list:
     jobs = [Job(g, j, r.task.train[q], r.prompt_ids(r.task.train[q]), episode_seed(r.cfg.run.seed, step, g, j))
             for g, q in enumerate(groups) if g % dp_size == dp_rank for j in range(c.group_size)]
     return run_episodes(r.engine, r.task.env, jobs, params, r.tok.encode, r.tok.decode)
+
+
+def serve_reference(r: Run) -> None:
+    """A reference rank's step: log-probs for the trainer ranks t with t % K == k, in order."""
+    plan, K = r.plan, len(r.plan.reference_ranks)
+    k = plan.reference_ranks.index(r.world.rank)
+    trainers = [rank for t, rank in enumerate(plan.trainer_ranks) if t % K == k]
+    with r.timers("reference"):
+        serve_ref_logprobs(r.reference.logprobs, trainers, plan.ref_group)
+
+
+def sync_reference(r: Run) -> None:
+    """Reference ranks of their own take the trainer's weights (after the warm-start: the KL anchor
+    is the policy RL starts from), broadcast from the main trainer rank over the reference group."""
+    plan, bucket_mb = r.plan, r.cfg.train.publish_bucket_mb
+    if not plan.own_reference:
+        return
+    if plan.trainer_enabled:
+        broadcast_weights(r.trainer.full_weights(bucket_mb), plan.main_trainer, plan.ref_group,
+                          send=r.world.rank == plan.main_trainer)
+    elif plan.reference_enabled:
+        r.reference.load(receive_weights(r.reference.model, bucket_mb, plan.main_trainer, plan.ref_group))
 
 
 def to_trainer(batch, plan: Plan):
@@ -180,6 +209,10 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
     only_signal = lean and a.correction in REWEIGHT_ONLY
     with r.timers("recompute"):
         batch = trainer.recompute(batch, rows=keep if only_signal else None)
+        if r.plan.own_reference:  # pi_ref from the reference ranks
+            t, K = r.plan.trainer_dp[0], len(r.plan.reference_ranks)
+            batch[REF_LOGPROBS] = request_ref_logprobs(batch, r.plan.reference_ranks[t % K], r.plan.ref_group,
+                                                       compute_dtype(next(trainer.model.parameters()).dtype))
     batch, corr = apply_correction(batch, a.correction, a.correction_form)
     seen = keep if only_signal else torch.ones_like(keep)  # the rows whose pi_old was computed
     stats.update(mismatch_stats(batch, corr, seen, trainer))
@@ -237,10 +270,12 @@ def published_weights_diff(r: Run) -> float:
         for bucket in r.trainer.full_weights():
             worst = max([worst] + [float((params[n] - t).abs().max()) for n, t in bucket.items()])
         return all_reduce_max([worst], r.world.device, r.trainer.group)[0]
+    if not (plan.trainer_enabled or plan.rollout_enabled):
+        return 0.0
     if plan.trainer_enabled:
         broadcast_weights(r.trainer.full_weights(), plan.main_trainer, plan.weight_group,
                           send=r.world.rank == plan.main_trainer)
-    elif plan.rollout_enabled:
+    else:
         params = dict(r.engine.model.named_parameters())
         for bucket in receive_weights(r.engine.model, 64.0, plan.main_trainer, plan.weight_group):
             worst = max([worst] + [float((params[n] - t).abs().max()) for n, t in bucket.items()])
@@ -275,7 +310,8 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> di
     row.update(stats)
     row.update(r.timers.pop())
     row["time/step"] = wall
-    if plan.disaggregated:  # the main rank rolls out; the trainer's figures come from the main trainer rank
+    if plan.disaggregated and (plan.rollout_enabled or plan.trainer_enabled):
+        # the main rank rolls out; the trainer's figures come from the main trainer rank
         send = row if r.world.rank in (0, plan.main_trainer) else {}
         merged = {}
         for part in gather_to_main([send], r.world, plan.bridge):
@@ -287,7 +323,7 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> di
 def replay_sft_rows(r: Run) -> None:
     """Disaggregated: the warm-start ran on the trainer ranks; the main trainer rank's rows (kept
     in memory by its MetricsLog) go to the main rank's metrics.jsonl over the bridge group."""
-    if not r.plan.disaggregated:
+    if not r.plan.disaggregated or not (r.plan.rollout_enabled or r.plan.trainer_enabled):
         return
     rows = [row for row in r.log.rows if "sft_step" in row] if r.world.rank == r.plan.main_trainer else []
     for row in gather_to_main(rows, r.world, r.plan.bridge):
@@ -323,15 +359,18 @@ def finish(r: Run, results: dict, curve: list, args) -> None:
     shutdown()
 
 
-def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trainer | None, Engine | None]:
+def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trainer | None, Engine | None,
+                                                                         Reference | None]:
     """The trainer (FSDP2 over the trainer mesh) on trainer ranks, the engine (over its own copy of
-    the model, filled by ``publish``) on rollout ranks."""
-    trainer = engine = None
+    the model, filled by ``publish``) on rollout ranks, the frozen reference on its own ranks."""
+    trainer = engine = reference = None
+    if plan.own_reference and plan.reference_enabled:
+        reference = Reference(policy, cfg.train.micro_batch_tokens)
     if plan.trainer_enabled:
         t = cfg.train
         trainer = Trainer(policy, OptimConfig(t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip,
                                               t.micro_batch_tokens), mesh=plan.trainer_mesh,
-                          reference=cfg.algo.kl_coef > 0)
+                          reference=cfg.algo.kl_coef > 0 and not plan.own_reference)
     if plan.rollout_enabled:
         with torch.device("meta"):
             model = Transformer(policy.args)
@@ -340,7 +379,7 @@ def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trai
         engine = Engine(model, EngineConfig(block_size=c.block_size, kv_cache_mb=c.kv_cache_mb,
                                             max_model_len=c.max_model_len, precision=c.precision,
                                             max_seqs=max(64, c.prompts_per_step * c.group_size)), tokenizer=tok)
-    return trainer, engine
+    return trainer, engine, reference
 
 
 def check_degrees(cfg: Config, plan: Plan) -> None:
@@ -352,8 +391,9 @@ def check_degrees(cfg: Config, plan: Plan) -> None:
     if cfg.rollout.prompts_per_step < n_train:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step}: each of the {n_train} "
                           f"trainer ranks trains whole groups, so it needs >= {n_train}")
-    if plan.own_reference:
-        raise ConfigError("run.reference_ranks > 0: a reference on its own ranks is not built yet")
+    if plan.own_reference and cfg.algo.kl_coef == 0:
+        raise ConfigError(f"run.reference_ranks={len(plan.reference_ranks)}: the reference serves the KL term, "
+                          f"and algo.kl_coef = 0 (those ranks would idle)")
 
 
 def _loss_kwargs(cfg: Config) -> dict:

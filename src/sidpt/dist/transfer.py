@@ -149,3 +149,35 @@ def receive_weights(model: torch.nn.Module, bucket_mb: float, src: int, group) -
             for n, piece in zip(ns, flat.split([params[n].numel() for n in ns])):
                 bucket[n] = piece.view(params[n].shape)
         yield bucket
+
+
+# -- the reference on ranks of its own: trainer dp rank t asks reference rank t % K ---------------
+
+REF_WIRE = ((TOKENS, torch.int64), (LOSS_MASK, torch.bool), (SEQ_LEN, torch.int64))
+
+
+def request_ref_logprobs(batch: TensorDict, dst: int, group, dtype: torch.dtype) -> torch.Tensor:
+    """Trainer side: send tokens, loss_mask and seq_len of ``batch`` to reference rank ``dst``;
+    receive its log-probs [N, T] (``dtype``: the model's compute dtype)."""
+    N, T = batch[TOKENS].shape
+    dist.send(torch.tensor([N, T], dtype=torch.int64), dst=dst, group=group, tag=100)
+    for i, (key, _) in enumerate(REF_WIRE, start=101):
+        dist.send(_wire(batch[key]), dst=dst, group=group, tag=i)
+    out = torch.empty(N, T, dtype=dtype)
+    dist.recv(out, src=dst, group=group, tag=110)
+    return out
+
+
+def serve_ref_logprobs(logprobs, srcs: list[int], group) -> None:
+    """Reference side: for each trainer rank in ``srcs`` (in order), receive its batch and send back
+    ``logprobs(td)`` ([N, T], the reference's log-probs of the loss tokens)."""
+    for src in srcs:
+        header = torch.empty(2, dtype=torch.int64)
+        dist.recv(header, src=src, group=group, tag=100)
+        N, T = header.tolist()
+        td = {}
+        for i, (key, dtype) in enumerate(REF_WIRE, start=101):
+            buf = torch.empty((N, T) if key != SEQ_LEN else (N,), dtype=torch.uint8 if dtype == torch.bool else dtype)
+            dist.recv(buf, src=src, group=group, tag=i)
+            td[key] = buf.to(torch.bool) if dtype == torch.bool else buf
+        dist.send(logprobs(TensorDict(td, batch_size=[N])).contiguous(), dst=src, group=group, tag=110)
