@@ -85,9 +85,14 @@ def score(episodes: list, reward_fn, decode) -> list:
         try:
             r = float(reward_fn(e.sample, decode(e.out.tokens[e.out.prompt_len:]), dict(e.info)))
         except Exception as err:
-            raise ConfigError(f"task.reward: your function failed on sample {getattr(e.sample, 'id', '?')!r}: "
-                              f"{type(err).__name__}: {err}") from err
+            raise ConfigError(f"task.reward={_spec(reward_fn)!r}: your function failed on sample "
+                              f"{getattr(e.sample, 'id', '?')!r}: {type(err).__name__}: {err}") from err
         if not math.isfinite(r):
-            raise ConfigError(f"task.reward: your function returned {r} for sample {getattr(e.sample, 'id', '?')!r}")
+            raise ConfigError(f"task.reward={_spec(reward_fn)!r}: your function returned {r} for sample "
+                              f"{getattr(e.sample, 'id', '?')!r}")
         e.reward = r
     return episodes
+
+
+def _spec(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__name__', '?')}"
