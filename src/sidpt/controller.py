@@ -98,9 +98,11 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     publish(r, version=0)
     if cfg.sft.steps:
         rows = sft_rows(task, prompt_ids, tok, cfg.sft.n_trajectories, cfg.run.seed) if r.trainer else []
-        with _progress(console, "SFT warm-start", cfg.sft.steps) as bar:
-            if r.trainer:
+        if r.trainer:
+            with _progress(console, "SFT warm-start", cfg.sft.steps) as bar:
                 warm_start(r.trainer, rows, cfg, plan.trainer_dp, tok.pad_id or 0, r.log, r.stop, bar)
+        else:
+            console.print(f"SFT warm-start: {cfg.sft.steps} steps on the trainer ranks {plan.trainer_ranks}")
         replay_sft_rows(r)
         publish(r)
         sync_reference(r)
