@@ -279,7 +279,7 @@ def published_weights_diff(r: Run) -> float:
                           send=r.world.rank == plan.main_trainer)
     else:
         params = dict(r.engine.model.named_parameters())
-        for bucket in receive_weights(r.engine.model, 64.0, plan.main_trainer, plan.weight_group):
+        for bucket in receive_weights(r.engine.model, 64.0, plan.main_trainer, plan.weight_group, in_place=False):
             worst = max([worst] + [float((params[n] - t).abs().max()) for n, t in bucket.items()])
     return all_reduce_max([worst], r.world.device, plan.bridge)[0]
 

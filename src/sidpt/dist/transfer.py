@@ -111,14 +111,34 @@ def bucket_names(sizes: Iterable[tuple[str, int]], bucket_mb: float) -> list[lis
     return out
 
 
+_STAGING: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+
+
+def _staging(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """One reused flat buffer per (dtype, device), grown to the largest bucket: a fresh buffer per
+    bucket was mapped anew by the allocator on every publish (glibc serves allocations above
+    32 MiB with mmap), and faulting its pages in ran at 1.1-1.2 GB/s against 6.2 GB/s memcpy
+    (tools/bench_publish.py, 2026-12-01: 64 MB buckets half the speed of 16 MB ones)."""
+    key = (dtype, str(device))
+    buf = _STAGING.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _STAGING[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1).contiguous()
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].reshape(-1)
+    out = _staging(sum(t.numel() for t in tensors), tensors[0].dtype, tensors[0].device)
+    torch.cat([t.reshape(-1) for t in tensors], out=out)
+    return out
 
 
 def broadcast_weights(buckets: Iterable[dict[str, torch.Tensor]], src: int, group, send: bool) -> int:
     """Trainer side: iterate the full-weight buckets (collective on the trainer mesh: every trainer
     rank iterates) and, where ``send`` (the main trainer rank), broadcast each bucket from global
-    rank ``src`` over ``group``, one flat buffer per dtype. Returns the bytes sent."""
+    rank ``src`` over ``group``, one flat buffer per dtype (a reused staging buffer; a bucket of
+    one tensor goes as it is). Returns the bytes sent."""
     sent = 0
     for bucket in buckets:
         if not send:
@@ -133,9 +153,13 @@ def broadcast_weights(buckets: Iterable[dict[str, torch.Tensor]], src: int, grou
     return sent
 
 
-def receive_weights(model: torch.nn.Module, bucket_mb: float, src: int, group) -> Iterator[dict[str, torch.Tensor]]:
-    """Rollout side: the buckets ``broadcast_weights`` sends, as {name: tensor} views of the
-    received buffers, for ``Engine.update_weights`` (which copies them in place)."""
+def receive_weights(model: torch.nn.Module, bucket_mb: float, src: int, group,
+                    in_place: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Rollout side: the buckets ``broadcast_weights`` sends, as {name: tensor} for
+    ``Engine.update_weights``. A bucket's lone tensor of a dtype is received straight into its
+    parameter (no copy); several go through one reused staging buffer, so each yielded bucket is
+    valid until the next is asked for (``update_weights`` copies it first). ``in_place=False``
+    never writes the parameters (to compare what arrives with what is there)."""
     params = dict(model.named_parameters())
     for names in bucket_names(((n, p.numel() * p.element_size()) for n, p in params.items()), bucket_mb):
         by_dtype: dict[torch.dtype, list[str]] = {}
@@ -144,7 +168,12 @@ def receive_weights(model: torch.nn.Module, bucket_mb: float, src: int, group) -
         bucket = {}
         for dtype in sorted(by_dtype, key=str):
             ns = by_dtype[dtype]
-            flat = torch.empty(sum(params[n].numel() for n in ns), dtype=dtype, device=params[ns[0]].device)
+            if in_place and len(ns) == 1 and params[ns[0]].is_contiguous():
+                with torch.no_grad():
+                    dist.broadcast(params[ns[0]].data, src=src, group=group)
+                bucket[ns[0]] = params[ns[0]].data
+                continue
+            flat = _staging(sum(params[n].numel() for n in ns), dtype, params[ns[0]].device)
             dist.broadcast(flat, src=src, group=group)
             for n, piece in zip(ns, flat.split([params[n].numel() for n in ns])):
                 bucket[n] = piece.view(params[n].shape)

@@ -255,7 +255,8 @@ class Engine:
                 if tuple(t.shape) != tuple(params[name].shape):
                     raise ValueError(f"update_weights: {name!r} has shape {tuple(t.shape)}, "
                                      f"expected {tuple(params[name].shape)}")
-                params[name].copy_(t)
+                if t.data_ptr() != params[name].data_ptr():  # received in place already: no self-copy
+                    params[name].copy_(t)
         if self.fmt is not None:
             round_weights(self.model, self.fmt)
         self.policy_version = self.policy_version + 1 if version is None else version
