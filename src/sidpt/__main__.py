@@ -40,9 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(argv[0], argv[1:])
-        cfg.env = resolve_env(cfg.env)
     except ConfigError as e:
-        print(f"config error: {argv[0]}: {e}" if str(e).startswith("env") else f"config error: {e}", file=sys.stderr)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:  # the environment's keys and your reward function, before anything runs
+        cfg.env = resolve_env(cfg.env)
+        from sidpt.env import load_reward
+
+        load_reward(cfg.task.reward)
+    except ConfigError as e:
+        print(f"config error: {argv[0]}: {e}", file=sys.stderr)
         return 2
     from sidpt.controller import run
     from sidpt.env.search.bm25 import CorpusError

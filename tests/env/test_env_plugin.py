@@ -58,3 +58,15 @@ def test_own_reward_function_by_import_path(tmp_path, monkeypatch):
         load_reward("my_rewards:missing")
     with pytest.raises(ConfigError, match=r"expected 'module:function'"):
         load_reward("my_rewards")
+
+
+def test_entry_names_env_and_reward_mistakes_before_running(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for arg, want in (("--env.topkk=3", "configs/debug.toml: unknown key 'env.topkk'; did you mean 'env.topk'?"),
+                      ("--task.reward=nomod:f", "task.reward='nomod:f': cannot import module 'nomod'")):
+        out = subprocess.run([sys.executable, "-m", "sidpt", "configs/debug.toml", arg, f"--run.out_dir={tmp_path}"],
+                             cwd=root, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and want in out.stderr, out.stderr
+        assert not (tmp_path / "debug").exists()  # nothing written
