@@ -150,10 +150,11 @@ def test_task_members():
         assert task.prompt(p) in texts
     words = {w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)}
     assert words == {"Compute", "Answer", ":", ".", "+", "-", "*", *"0123456789"}  # digits are words
-    # the cache is named by the vocabulary: same words, same directory; other words, another one
-    assert task.tokenizer_dir == make_task(Config(**{**SMALL, "n_train": 100}), True, True).tokenizer_dir
-    assert task.tokenizer_dir != make_task(Config(**SMALL, spaced_digits=False), True, True).tokenizer_dir
-    assert str(task.tokenizer_dir).startswith("runs/arith-tokenizer/vocab-")
+    # the cache is named by the texts (word ids follow their counts): same texts, same directory
+    assert task.tokenizer_dir == make_task(Config(**SMALL), True, True).tokenizer_dir
+    for other in ({"n_train": 100}, {"spaced_digits": False}, {"seed": 6}):
+        assert task.tokenizer_dir != make_task(Config(**{**SMALL, **other}), True, True).tokenizer_dir
+    assert str(task.tokenizer_dir).startswith("runs/arith-tokenizer/texts-")
 
 
 def test_sft_episodes_are_ideal_and_parse_back():
@@ -234,3 +235,64 @@ def test_example_row():
     assert row == {"id": p.id, "prompt": task.prompt(p), "gold": p.answer, "answer": 1234, "correct": 0,
                    "reward": res.reward, "finish": "answer", "response": "1 2 3 4"}
     assert dataclasses.asdict(p)["answer"] == row["gold"]
+
+
+def test_word_tokenizer_spells_numbers_with_digit_tokens(tmp_path):
+    from sidpt.data import task_tokenizer
+
+    task = make_task(Config(**SMALL), True, True)
+    texts, special = task.tokenizer_texts()
+    tok = task_tokenizer(texts, special, tmp_path, 0, True, "word")
+    words = {"Compute", "Answer", ":", ".", "+", "-", "*", *"0123456789"}
+    assert set(tok.tok.get_vocab()) == words | {"<|endoftext|>", "<unk>"}
+    for e in task.sft_episodes(60, seed=0):
+        ids = tok.encode(e.turns[0].text)
+        assert len(ids) == len(e.turns[0].text.split())  # one token per digit (and "-")
+        assert parse_answer(tok.decode(ids + [tok.eos_id])) == e.sample.answer  # as the rollout decodes it
+    prompt_ids = tok.encode(task.prompt(Problem("23+45", 23, "+", 45, 68)))
+    assert tok.decode(prompt_ids) == "Compute 2 3 + 4 5 . Answer :"
+
+
+def test_metrics_on_rollout_episodes():
+    from sidpt.rollout.engine import Output
+    from sidpt.rollout.multiturn import Episode
+
+    task = make_task(Config(**SMALL), True, True)
+    p = task.heldout[0]
+    eps = []
+    for k, (text, n) in enumerate([(str(p.answer), 3), ("x", 5)]):
+        state = task.env.reset(p)
+        res = task.env.step(state, text)
+        out = Output((0, k), [1] * (4 + n), 4, [0.0] * (4 + n), [False] * 4 + [True] * n, [-1] * (4 + n), "stop")
+        eps.append(Episode((0, k), 0, out, res.reward, res.info, sample=p))
+    assert task.metrics(eps) == {"accuracy": (100.0, 2.0), "answered": (100.0, 2.0), "response_tokens": (8.0, 2.0)}
+
+
+def test_arith_reward_rises(tmp_path):
+    """The recipe end to end (40-55 s on 2 cores): GRPO raises the reward and held-out accuracy.
+    Measured (seed 0): mean reward of the first 10 RL steps 0.366, of the last 10 0.505; held-out
+    greedy accuracy 30% -> 64%. The margins below are about half of those gains."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    cmd = [sys.executable, "-m", "sidpt", "configs/arith.toml", f"--run.out_dir={tmp_path}",
+           f"--env.tokenizer_dir={tmp_path / 'tokenizer'}"]
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "arith"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
+    assert len(rewards) == 100
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.07, (first, last)
+    results = json.loads((run_dir / "results.json").read_text())["evaluations"]
+    before, after = results["before"]["accuracy"], results["after"]["accuracy"]
+    assert results["before"]["questions"] == results["after"]["questions"] == 100
+    assert after > before + 15, (before, after)
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["eval/accuracy"] for r in evals] == [before, after]

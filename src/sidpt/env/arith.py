@@ -21,10 +21,12 @@ problem asks for a (token, token) -> token association it has never seen. Writte
 ("6 8"), every number is spelled with the same 10 tokens (plus "-"): the vocabulary stays ~20 words
 whatever ``max_operand`` is, and a held-out problem is made of digit sub-problems (units digits
 3 + 5, a carry) that the train problems cover many times over, which is what lets held-out accuracy
-follow train accuracy. Answers are written most significant digit first, as numbers are read (a
-tiny model would find least-significant-first easier, but the answer text should be the number).
-``spaced_digits = false`` writes "68" for a pretrained model's own tokenizer; the parser accepts
-both.
+follow train accuracy. Measured with ``configs/arith.toml`` (sums of 0..49, debug model, same
+budget, seed 0): digit by digit, held-out accuracy 30% after SFT -> 64% after GRPO; one token
+per number (108-word vocabulary), 11% -> 7%. Answers are written most significant digit first,
+as numbers are read (least-significant-first may be easier for a tiny model, but the answer text
+should be the number). ``spaced_digits = false`` writes "68" for a pretrained model's own tokenizer; the
+parser accepts both.
 
 **Parsing** a model turn (never raises): trailing special tokens (``<|endoftext|>``, ``</s>``, any
 ``<...>`` without spaces) and one trailing "." are dropped, then all whitespace; what is left must
@@ -40,8 +42,12 @@ instead of stopping) is not an answer: reward 0, finish ``no_action``.
 comparing the canonical strings (sign included): "6 9" for 68 scores format + digit / 2, "-68"
 for 68 scores format + digit / 3. A wrong answer always scores below 1 (``validate`` keeps
 ``format_reward + digit_reward <= 1``). The shaping makes GRPO groups of a weak model unequal
-(answers that end in the right digit or have the right length beat garbage), so its updates have
-a signal before the first exact answer; the units digit is the part of a sum the model learns first.
+(a well-formed answer beats garbage, one with the right digits beats one without), so its updates
+have a signal before the first exact answer. Measured on ``configs/arith.toml`` (seed 0) its
+effect on held-out accuracy is small once SFT has taught the format: 30% -> 64% with the
+defaults, 30% -> 62% without (sampled train accuracy, first 10 RL steps -> last 10: 23% -> 40%
+in both). Kept on by default: on an earlier variant of the recipe with a weaker start (31%
+before RL) it gave 57% after RL against 51% without.
 
 ``info`` (the same keys every step): ``finish`` ("answer" when the turn parsed, "no_action" when
 not, or what ``end`` was given), ``correct`` (0/1), ``answer`` (the parsed integer or None).
@@ -86,16 +92,19 @@ class Config:
     """Seed of the problems (independent of run.seed)."""
     spaced_digits: bool = True
     """Write numbers digit by digit ("6 8"), so a word-level tokenizer spells every number with
-    10 digit tokens (see the module docstring); false: "68", for a pretrained model's tokenizer."""
+    10 digit tokens (see the module docstring); false: "68", for a pretrained model's tokenizer
+    (with a random-init model, every number is then a word: ``model.vocab_size`` must hold them
+    all, or the ones past the cap read as <unk>)."""
     format_reward: float = 0.1
     """Reward of a well-formed integer answer that is wrong (an exact answer scores 1)."""
     digit_reward: float = 0.2
     """Extra reward of a wrong integer answer, times the share of its characters (sign included)
     that equal the gold answer's, right-aligned: "6 9" for 68 adds half of it."""
     tokenizer_dir: str = "runs/arith-tokenizer"
-    """Where the controller caches a random-init model's task tokenizer (in a sub-directory named
-    by a digest of the task's vocabulary, so a change of ``spaced_digits`` or ``ops`` never reuses
-    a stale one)."""
+    """Where the controller caches a random-init model's task tokenizer, in a sub-directory named
+    by a digest of ``tokenizer_texts``: a word-level tokenizer numbers its words by frequency in
+    those texts, so a tokenizer cached by another problem set (same words, other counts) would
+    give other ids, another initial model and another run."""
 
     def validate(self) -> None:
         if self.max_operand < 0:
@@ -255,9 +264,9 @@ class ArithTask:
         self.cfg = cfg
         self.train, self.heldout, self.sft = make_problems(cfg)
         self.env = ArithEnv(cfg.format_reward, cfg.digit_reward)
-        words = sorted({w for t in self.tokenizer_texts()[0] for w in re.findall(r"\w+|[^\w\s]", t)})
-        digest = hashlib.sha1("\n".join(words).encode()).hexdigest()[:12]
-        self.tokenizer_dir = Path(cfg.tokenizer_dir) / f"vocab-{digest}"
+        texts, special = self.tokenizer_texts()
+        digest = hashlib.sha1("\n".join([*texts, "", *special]).encode()).hexdigest()[:12]
+        self.tokenizer_dir = Path(cfg.tokenizer_dir) / f"texts-{digest}"
 
     def prompt(self, sample: Problem) -> str:
         return format_prompt(sample, self.cfg.spaced_digits)
