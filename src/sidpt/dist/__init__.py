@@ -1,1 +1,2 @@
-"""Distributed plumbing: the world (torchrun env), role meshes (Plan), weight publishing."""
+"""Distributed plumbing: the world (torchrun env), role meshes and bridge groups (Plan), what
+crosses them (transfer: trajectory groups, weights, reference requests)."""
