@@ -135,9 +135,7 @@ def best_of(fn, reps: int, before=None) -> tuple[float, int]:
 def memcpy_seconds(nbytes: int, reps: int) -> tuple[tuple[float, int], tuple[float, int]]:
     """best_of of one copy_ of nbytes into a touched dst, and into a fresh torch.empty dst."""
     src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    warm = best_of(lambda: dst.copy_(src), reps)
-    del dst
+    warm = best_of(lambda dst=torch.empty_like(src): dst.copy_(src), reps)  # dst freed with the lambda
     fresh = best_of(lambda: torch.empty_like(src).copy_(src), reps)
     return warm, fresh
 

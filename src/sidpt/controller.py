@@ -97,8 +97,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     console.print(threads_note(threads, local_ranks))
     publish(r, version=0)
     if cfg.sft.steps:
-        rows = sft_rows(task, prompt_ids, tok, cfg.sft.n_trajectories, cfg.run.seed) if r.trainer else []
         if r.trainer:
+            rows = sft_rows(task, prompt_ids, tok, cfg.sft.n_trajectories, cfg.run.seed)
             with _progress(console, "SFT warm-start", cfg.sft.steps) as bar:
                 warm_start(r.trainer, rows, cfg, plan.trainer_dp, tok.pad_id or 0, r.log, r.stop, bar)
         else:
@@ -141,7 +141,7 @@ def rl_step(r: Run, step: int) -> dict[str, float]:
         stats = train(r, batch, lr_at(step, cfg.run.steps, cfg.train.lr, cfg.train.lr_schedule,
                                       cfg.train.warmup_steps, cfg.train.min_lr_frac))
     with r.timers("publish"):
-        stats.update(publish(r))
+        stats.update(publish(r, measure=True))
     return step_row(r, episodes, stats, time.perf_counter() - t0)
 
 
@@ -216,7 +216,7 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
             batch[REF_LOGPROBS] = request_ref_logprobs(batch, r.plan.reference_ranks[t % K], r.plan.ref_group,
                                                        compute_dtype(next(trainer.model.parameters()).dtype))
     batch, corr = apply_correction(batch, a.correction, a.correction_form)
-    seen = keep if only_signal else torch.ones_like(keep)  # the rows whose pi_old was computed
+    seen = keep if only_signal else slice(None)  # the rows whose pi_old was computed
     stats.update(mismatch_stats(batch, corr, seen, trainer))
     with r.timers("train"):
         stats.update(trainer.rl_step(batch, agg=a.agg, loss=a.loss, loss_kwargs=_loss_kwargs(cfg), kl_coef=a.kl_coef,
@@ -227,7 +227,7 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
     return stats
 
 
-def mismatch_stats(batch, corr, seen: torch.Tensor, trainer: Trainer) -> dict[str, float]:
+def mismatch_stats(batch, corr, seen, trainer: Trainer) -> dict[str, float]:
     """``mismatch_metrics`` (with the correction and the advantages: ESS, masked and truncated
     fractions, the low-probability gradient share) over the recomputed rows, then over the trainer
     ranks: ``*_max`` maxed, the rest weighted by each rank's loss tokens."""
@@ -244,20 +244,23 @@ def mismatch_stats(batch, corr, seen: torch.Tensor, trainer: Trainer) -> dict[st
     return out
 
 
-def publish(r: Run, version: int | None = None) -> dict[str, float]:
+def publish(r: Run, version: int | None = None, measure: bool = False) -> dict[str, float]:
     """Trainer's full weights -> every engine, bucket by bucket: a local copy after the FSDP
-    all-gather (colocated), or a broadcast from the main trainer rank over the weight group."""
+    all-gather (colocated), or a broadcast from the main trainer rank over the weight group.
+    ``measure`` (the RL steps' publish): the probe check and, with ``run.verify_publish``, the
+    weight comparison, returned for the step's row."""
     plan, bucket_mb, out = r.plan, r.cfg.train.publish_bucket_mb, {}
     if not plan.disaggregated:
         r.engine.update_weights(r.trainer.full_weights(bucket_mb), version=version)
-        out["publish/probe_max_abs"] = probe_check(r.trainer, r.engine, r.prompt_ids(r.task.heldout[0]))
+        if measure:
+            out["publish/probe_max_abs"] = probe_check(r.trainer, r.engine, r.prompt_ids(r.task.heldout[0]))
     elif plan.trainer_enabled:
         broadcast_weights(r.trainer.full_weights(bucket_mb), plan.main_trainer, plan.weight_group,
                           send=r.world.rank == plan.main_trainer)
     elif plan.rollout_enabled:
         r.engine.update_weights(receive_weights(r.engine.model, bucket_mb, plan.main_trainer, plan.weight_group),
                                 version=version)
-    if r.cfg.run.verify_publish:
+    if measure and r.cfg.run.verify_publish:
         out["publish/weights_max_abs"] = published_weights_diff(r)
     return out
 
@@ -266,22 +269,23 @@ def publish(r: Run, version: int | None = None) -> dict[str, float]:
 def published_weights_diff(r: Run) -> float:
     """max |engine weight - trainer full weight| over all parameters and rollout ranks (0: every
     engine holds the trainer's weights bitwise). Disaggregated: the trainer sends them once more."""
-    plan, worst = r.plan, 0.0
-    if not plan.disaggregated:
+    plan = r.plan
+
+    def worst(buckets) -> float:
         params = dict(r.engine.model.named_parameters())
-        for bucket in r.trainer.full_weights():
-            worst = max([worst] + [float((params[n] - t).abs().max()) for n, t in bucket.items()])
-        return all_reduce_max([worst], r.world.device, r.trainer.group)[0]
+        return max(float((params[n] - t).abs().max()) for bucket in buckets for n, t in bucket.items())
+
+    if not plan.disaggregated:
+        return all_reduce_max([worst(r.trainer.full_weights())], r.world.device, r.trainer.group)[0]
     if not (plan.trainer_enabled or plan.rollout_enabled):
         return 0.0
     if plan.trainer_enabled:
         broadcast_weights(r.trainer.full_weights(), plan.main_trainer, plan.weight_group,
                           send=r.world.rank == plan.main_trainer)
+        local = 0.0
     else:
-        params = dict(r.engine.model.named_parameters())
-        for bucket in receive_weights(r.engine.model, 64.0, plan.main_trainer, plan.weight_group, in_place=False):
-            worst = max([worst] + [float((params[n] - t).abs().max()) for n, t in bucket.items()])
-    return all_reduce_max([worst], r.world.device, plan.bridge)[0]
+        local = worst(receive_weights(r.engine.model, 64.0, plan.main_trainer, plan.weight_group, in_place=False))
+    return all_reduce_max([local], r.world.device, plan.bridge)[0]
 
 
 def probe_check(trainer: Trainer, engine: Engine, probe: list[int], n: int = 8) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tensordict import TensorDict
@@ -23,11 +24,12 @@ from sidpt.model.tokenizer import Tokenizer
 EOS = "<|endoftext|>"
 
 
-def task_tokenizer(texts, special: list[str], out_dir: str | Path, vocab_size: int, is_main: bool,
-                   kind: str = "word") -> Tokenizer:
-    """A tokenizer trained on ``texts`` (what the model reads and writes), with ``special`` (tool
-    tags) and EOS as single tokens; cached in ``out_dir/tokenizer-<kind>-<vocab>/`` and shared by
-    every run on the task. ``texts`` may be a callable (only the main rank builds the cache).
+def task_tokenizer(texts: Callable[[], tuple[list[str], list[str]]], out_dir: str | Path, vocab_size: int,
+                   is_main: bool, kind: str = "word") -> Tokenizer:
+    """A tokenizer trained on ``texts()[0]`` (what the model reads and writes), with ``texts()[1]``
+    (tool tags) and EOS as single tokens; cached in ``out_dir/tokenizer-<kind>-<vocab>/`` and
+    shared by every run on the task. ``texts`` (``Task.tokenizer_texts``) is called only where the
+    cache is built: on the main rank, when it is missing.
 
     ``word``: one token per word or punctuation mark (decoding joins tokens with spaces, which the
     environments' parsing ignores). A fictional name is then one or two tokens that a small model
@@ -52,7 +54,8 @@ def task_tokenizer(texts, special: list[str], out_dir: str | Path, vocab_size: i
                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         else:
             raise ValueError(f"model.tokenizer={kind!r}: expected 'word' or 'bpe'")
-        tok.train_from_iterator(texts() if callable(texts) else texts, trainer)
+        corpus, special = texts()
+        tok.train_from_iterator(corpus, trainer)
         if special:
             tok.add_tokens(list(special))  # one id per tag: the tool protocol is one token per tag
         out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sidpt.dist.world import all_reduce_sum, gather_to_main
+from sidpt.env import score
 from sidpt.files import atomic_write
 from sidpt.metrics import plot_reward_curve
 from sidpt.rollout import SamplingParams
@@ -37,8 +38,6 @@ def evaluate(engine, task, samples: list, prompt_ids, tok, max_new_tokens: int, 
     """Greedy episodes on ``samples``, this rollout rank's share (``dp`` = (index, size));
     the task's metrics over all rollout ranks, and ``questions``. Writes what the policy wrote,
     one JSON line per sample in order, to ``examples_path`` on the main rank."""
-    from sidpt.env import score
-
     eos = () if tok.eos_id is None else (tok.eos_id,)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=eos)
     jobs = [Job(i, 0, q, prompt_ids(q), 0) for i, q in enumerate(samples) if i % dp[1] == dp[0]]

@@ -45,8 +45,7 @@ def load_policy(cfg: Config, task, world: World) -> tuple[Tokenizer, torch.nn.Mo
         return tok, policy
     if cfg.model.size not in SIZES:
         raise ConfigError(f"model.size={cfg.model.size!r}: expected one of {list(SIZES)}")
-    texts = lambda: task.tokenizer_texts()[0]  # noqa: E731 (built on the main rank only)
-    tok = task_tokenizer(texts, task.tokenizer_texts()[1], task.tokenizer_dir, cfg.model.vocab_size, world.is_main,
+    tok = task_tokenizer(task.tokenizer_texts, task.tokenizer_dir, cfg.model.vocab_size, world.is_main,
                          cfg.model.tokenizer)
     args = dataclasses.replace(SIZES[cfg.model.size], vocab_size=tok.vocab_size, eos_token_id=tok.eos_id)
     return tok, build_model(args, dtype=dtype, device=world.device, seed=cfg.run.seed)

@@ -241,8 +241,7 @@ def test_word_tokenizer_spells_numbers_with_digit_tokens(tmp_path):
     from sidpt.data import task_tokenizer
 
     task = make_task(Config(**SMALL), True, True)
-    texts, special = task.tokenizer_texts()
-    tok = task_tokenizer(texts, special, tmp_path, 0, True, "word")
+    tok = task_tokenizer(task.tokenizer_texts, tmp_path, 0, True, "word")
     words = {"Compute", "Answer", ":", ".", "+", "-", "*", *"0123456789"}
     assert set(tok.tok.get_vocab()) == words | {"<|endoftext|>", "<unk>"}
     for e in task.sft_episodes(60, seed=0):

@@ -9,13 +9,11 @@ Re-record only for a deliberate numerical change: ``python tests/spine/test_gold
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden.json")

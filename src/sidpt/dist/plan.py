@@ -14,7 +14,8 @@ validated against the world size up front and each rank asks the Plan what it do
   rank 0 + the rollout ranks: the weight broadcast); ``ref_group`` (trainer + reference ranks)
   when the reference has its own ranks.
 
-Meshes are 1-D with the named axis ``dp``. A single process gets no meshes and no groups.
+Meshes are 1-D with the named axis ``dp``; the reference needs none (each reference rank holds a
+whole replicated copy and talks to trainer ranks over ``ref_group`` only). A single process gets no meshes and no groups.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ class Plan:
     reference_ranks: list[int]  # == trainer_ranks unless the reference has its own ranks
     rollout_mesh: DeviceMesh | None = None
     trainer_mesh: DeviceMesh | None = None
-    reference_mesh: DeviceMesh | None = None
     bridge: object = None  # process group: rollout + trainer ranks (disaggregated)
     weight_group: object = None  # process group: trainer rank 0 + rollout ranks (disaggregated)
     ref_group: object = None  # process group: trainer + reference ranks (reference on its own ranks)
@@ -116,11 +116,10 @@ def build_plan(world: World, placement: str = "colocated", rollout_ranks: int = 
         return DeviceMesh(world.device.type, torch.tensor(ranks), mesh_dim_names=("dp",))
 
     if placement == "colocated":
-        plan.rollout_mesh = plan.trainer_mesh = plan.reference_mesh = mesh(roll)
+        plan.rollout_mesh = plan.trainer_mesh = mesh(roll)
         return plan
     # DeviceMesh over a subset of ranks is built by every rank (it creates the group collectively)
     plan.rollout_mesh, plan.trainer_mesh = mesh(roll), mesh(train)
-    plan.reference_mesh = mesh(ref) if reference_ranks else plan.trainer_mesh
     plan.bridge = dist.new_group(roll + train)
     plan.weight_group = dist.new_group([train[0]] + roll)
     if reference_ranks:

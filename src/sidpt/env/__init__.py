@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from types import ModuleType
 from typing import Any, Callable
 
@@ -79,8 +80,6 @@ def score(episodes: list, reward_fn, decode) -> list:
     raises or returns a non-finite value names the sample."""
     if reward_fn is None:
         return episodes
-    import math
-
     for e in episodes:
         try:
             r = float(reward_fn(e.sample, decode(e.out.tokens[e.out.prompt_len:]), dict(e.info)))

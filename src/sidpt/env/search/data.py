@@ -121,4 +121,4 @@ def task_tokenizer(files: dict[str, Path], vocab_size: int, is_main: bool, kind:
     ``tokenizer_texts``, the tool tags as single tokens), cached beside the corpus."""
     from sidpt.data import task_tokenizer as train
 
-    return train(lambda: tokenizer_texts(files), list(TAGS), files["corpus"].parent, vocab_size, is_main, kind)
+    return train(lambda: (tokenizer_texts(files), list(TAGS)), files["corpus"].parent, vocab_size, is_main, kind)
