@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,3 +90,65 @@ def test_sigint_stops_at_a_step_boundary_and_saves(tmp_path):
     res = json.loads((tmp_path / "t" / "results.json").read_text())
     assert res["stopped_by"] == "SIGINT" and 1 <= res["rl_steps"] < 500 and "after" in res["evaluations"]
     assert (tmp_path / "t" / "policy" / "model.safetensors").exists()
+
+
+def test_ctrl_c_under_torchrun_still_saves(tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and both ranks (one process group); torchrun then passes
+    it on to the ranks again. That echo must not count as a second Ctrl-C: before, every rank
+    stopped mid-evaluation and nothing was saved. Disaggregated 1 + 1 ranks."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "sidpt", str(ROOT / "configs" / "debug.toml"), f"--run.out_dir={tmp_path}", "--run.name=t",
+         f"--env.dir={tmp_path / 'task'}", "--run.steps=2000", "--sft.steps=5", "--run.placement=disaggregated",
+         "--run.rollout_ranks=1", "--run.threads=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"reward/mean"' in metrics.read_text()):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    out, err = proc.communicate(timeout=240)
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert res["stopped_by"] == "SIGINT" and 1 <= res["rl_steps"] < 2000 and "after" in res["evaluations"], err[-3000:]
+    assert (tmp_path / "t" / "policy" / "model.safetensors").exists()
+
+
+def test_stop_request_ignores_the_launchers_echo_of_a_ctrl_c(monkeypatch):
+    """The first SIGINT sets the flag; a repeat within StopRequest.ECHO_S (torchrun passing the
+    terminal's Ctrl-C on) is ignored; a later one is a second Ctrl-C and interrupts at once."""
+    import os
+
+    import torch
+
+    from sidpt.dist.world import World
+    from sidpt.startup import StopRequest
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    clock = iter([100.0, 100.3, 101.5])  # the handler's three readings
+    import sidpt.startup
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(sidpt.startup, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    try:
+        stop = StopRequest(World(0, 1, 0, torch.device("cpu")))
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # 0.3 s later: the launcher's echo
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            pytest.fail("the launcher's echo of the first Ctrl-C was taken for a second one")
+        assert stop.requested() and stop.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # 1.5 s after the first: a second Ctrl-C
+            time.sleep(0.1)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -79,17 +80,25 @@ def fit_samples(cfg: Config, task, prompt_ids, console: Console) -> None:
 
 class StopRequest:
     """SIGINT / SIGTERM set a flag that the loops read at step boundaries, so an interrupted run
-    still evaluates and saves; a second SIGINT interrupts at once. ``requested()`` agrees on
+    still evaluates and saves; a second SIGINT (more than a second later) interrupts at once. ``requested()`` agrees on
     every rank (one max all-reduce), so no rank leaves the loop alone and hangs the others."""
 
+    # torchrun passes the Ctrl-C it receives on to its ranks, which got it from the terminal
+    # already: a repeat this soon after the first is that echo (measured: milliseconds), not a
+    # second Ctrl-C. Taking it for one stopped every rank mid-evaluation, nothing saved.
+    ECHO_S = 1.0
+
     def __init__(self, world: World):
-        self.world, self.signal = world, None
+        self.world, self.signal, self.first = world, None, 0.0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: stop now
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self.first = signal.Signals(signum).name, now
+        elif signum == signal.SIGINT and now - self.first > self.ECHO_S:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
 
     def requested(self, group=None) -> bool:
         """Agreed over ``group``: the world (``None``) between RL steps, where every role takes
