@@ -152,3 +152,22 @@ def test_stop_request_ignores_the_launchers_echo_of_a_ctrl_c(monkeypatch):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def test_readme_disaggregated_command_runs(tmp_path):
+    """The README's disaggregated launch, as written (plus where to write): 1 rollout + 2 trainer ranks."""
+    import os
+
+    cmd = "NGPU=3 ./torchrun.sh configs/debug.toml --run.placement=disaggregated --run.rollout_ranks=1"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert " ".join(cmd.split()) in readme.replace("`", "")
+    env = {**os.environ, "NGPU": "3", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["./torchrun.sh", "configs/debug.toml", "--run.placement=disaggregated", "--run.rollout_ranks=1",
+                          f"--run.out_dir={tmp_path}", f"--env.dir={tmp_path / 'task'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "disaggregated (rollout [0], trainer [1, 2])" in out.stdout
+    res = json.loads((tmp_path / "debug" / "results.json").read_text())
+    assert res["rl_steps"] == 4 and "after" in res["evaluations"]
+    rows = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("sft_step" in r for r in rows) == 60 and sum("loss/total" in r for r in rows) == 4
