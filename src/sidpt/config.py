@@ -179,6 +179,10 @@ class TrainConfig:
     second on, pi differs from pi_old, so the ratio and the clip act."""
     epochs: int = 1
     """Passes over the step's batch (verl's ``ppo_epochs``, TRL's ``num_iterations``)."""
+    fuse_old_logprobs: bool = True
+    """With one optimizer update per batch (``mini_batches = epochs = 1``) take pi_old from the
+    training forward's own log-probs (detached: pi_old = pi before the only step) instead of a
+    separate recompute forward; the update is the same to float rounding. Off: recompute always."""
     skip_zero_adv: bool = True
     """Leave trajectories whose advantage is 0 everywhere (GRPO groups with equal rewards) out of
     the forward and backward when the loss has no KL or entropy term: their gradient is exactly

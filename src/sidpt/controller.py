@@ -7,9 +7,10 @@ its roles (``Plan.rollout_enabled``, ``trainer_enabled``) and the collectives th
            batch     = to_trainer(episodes)           colocated: local; disaggregated: the bridge group
            batch     = advantages(batch)              GRPO: the rewards of each group
            batch     = trainer.recompute(batch)       pi_old (and pi_ref); the lean step skips rows
-           mismatch  = mismatch_metrics(batch)        trainer vs engine, every step
            batch     = apply_correction(batch)        TIS / MIS / IcePop ...
            stats     = trainer.rl_step(batch)         mini-batches x epochs, micro-batches
+                       (one update: fused_step, pi_old from the training forward, no recompute)
+           mismatch  = mismatch_metrics(batch)        trainer vs engine, every step
            publish(trainer -> rollout)                local copy, or bucketed broadcast
            metrics.log(step, ...)
 
@@ -209,20 +210,26 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
     # reweights (their TRAIN_MASK is their LOSS_MASK), not recomputed either (train.skip_zero_adv)
     lean = cfg.train.skip_zero_adv and a.kl_coef == 0 and a.entropy_coef == 0
     only_signal = lean and a.correction in REWEIGHT_ONLY
+    # One update per batch: pi_old is the training forward's own log-probs (no recompute forward)
+    fused = cfg.train.fuse_old_logprobs and cfg.train.mini_batches == cfg.train.epochs == 1 and (only_signal or not lean)
     with r.timers("recompute"):
-        batch = trainer.recompute(batch, rows=keep if only_signal else None)
+        if not fused or trainer.reference is not None:  # pi_old, or only pi_ref for the fused step
+            batch = trainer.recompute(batch, rows=keep if only_signal else None, policy=not fused)
         if r.plan.own_reference:  # pi_ref from the reference ranks
             t, K = r.plan.trainer_dp[0], len(r.plan.reference_ranks)
             batch[REF_LOGPROBS] = request_ref_logprobs(batch, r.plan.reference_ranks[t % K], r.plan.ref_group,
                                                        compute_dtype(next(trainer.model.parameters()).dtype))
-    batch, corr = apply_correction(batch, a.correction, a.correction_form)
-    seen = keep if only_signal else slice(None)  # the rows whose pi_old was computed
-    stats.update(mismatch_stats(batch, corr, seen, trainer))
+    kw = dict(agg=a.agg, loss=a.loss, loss_kwargs=_loss_kwargs(cfg), kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
+              norm_len=cfg.rollout.max_new_tokens, keep=keep if lean else None)
+    correct = lambda b: apply_correction(b, a.correction, a.correction_form)  # noqa: E731
     with r.timers("train"):
-        stats.update(trainer.rl_step(batch, agg=a.agg, loss=a.loss, loss_kwargs=_loss_kwargs(cfg), kl_coef=a.kl_coef,
-                                     entropy_coef=a.entropy_coef, norm_len=cfg.rollout.max_new_tokens,
-                                     keep=keep if lean else None, mini_batches=cfg.train.mini_batches,
-                                     epochs=cfg.train.epochs))
+        if fused:
+            s, batch, corr = trainer.fused_step(batch, correct, **kw)
+        else:
+            batch, corr = correct(batch)
+            s = trainer.rl_step(batch, **kw, mini_batches=cfg.train.mini_batches, epochs=cfg.train.epochs)
+    stats.update(s)
+    stats.update(mismatch_stats(batch, corr, keep if only_signal else slice(None), trainer))  # over pi_old's rows
     stats["train/lr"] = lr
     return stats
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, SEQ_L
 from sidpt.dist.transfer import bucket_names
 from sidpt.dist.world import all_reduce_max, all_reduce_sum
 from sidpt.model.model import Transformer, token_logprobs
-from sidpt.rl import TRAIN_MASK, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
+from sidpt.rl import TRAIN_MASK, Correction, LossNorm, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
 
 
 @dataclass
@@ -116,11 +116,12 @@ class Trainer:
         return mbs + [loss_free(mbs[0][:1]) for _ in range(n - len(mbs))]
 
     @torch.no_grad()
-    def recompute(self, batch: TensorDict, rows: torch.Tensor | None = None) -> TensorDict:
+    def recompute(self, batch: TensorDict, rows: torch.Tensor | None = None, policy: bool = True) -> TensorDict:
         """OLD_LOGPROBS (and REF_LOGPROBS with a reference model) for every loss token of ``batch``,
-        or only of the ``rows`` [N] bool (the others get 0: rows the lean step will not train)."""
+        or only of the ``rows`` [N] bool (the others get 0: rows the lean step will not train).
+        ``policy=False``: REF_LOGPROBS only (``fused_step`` takes pi_old from its own forward)."""
         if rows is not None:
-            part = self.recompute(_rows(batch, rows))
+            part = self.recompute(_rows(batch, rows), policy=policy)
             out = batch.copy()
             for key in (OLD_LOGPROBS, REF_LOGPROBS):
                 if key in part.keys():
@@ -132,14 +133,16 @@ class Trainer:
         T = batch[TOKENS].shape[1]
         olds, refs = [], []
         for mb in self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens)):
-            lp, _ = sequence_logprobs(self.model, mb[TOKENS], mask=mb[LOSS_MASK])
-            olds.append(F.pad(lp, (0, T - lp.shape[1])))
+            if policy:
+                lp, _ = sequence_logprobs(self.model, mb[TOKENS], mask=mb[LOSS_MASK])
+                olds.append(F.pad(lp, (0, T - lp.shape[1])))
             if self.reference is not None:
                 rlp, _ = sequence_logprobs(self.reference, mb[TOKENS], mask=mb[LOSS_MASK])
                 refs.append(F.pad(rlp, (0, T - rlp.shape[1])))
         n = batch.batch_size[0]
         out = batch.copy()
-        out[OLD_LOGPROBS] = torch.cat(olds)[:n]
+        if olds:
+            out[OLD_LOGPROBS] = torch.cat(olds)[:n]
         if refs:
             out[REF_LOGPROBS] = torch.cat(refs)[:n]
         return out
@@ -172,26 +175,80 @@ class Trainer:
         stats["train/optimizer_steps"] = len(self.minibatch_stats)
         return stats
 
+    def fused_step(self, batch: TensorDict, correct: Callable[[TensorDict], tuple[TensorDict, Correction]], *,
+                   agg: str, loss: str, loss_kwargs: dict, kl_coef: float, entropy_coef: float,
+                   norm_len: float | None = None, keep: torch.Tensor | None = None
+                   ) -> tuple[dict[str, float], TensorDict, Correction]:
+        """``rl_step`` with one mini-batch and one epoch, without the recompute: before a batch's
+        only optimizer step pi_old is pi, so OLD_LOGPROBS are the training forward's own log-probs,
+        detached (TRL takes them the same way when ``num_iterations = 1``). ``correct`` (e.g.
+        ``apply_correction`` with the run's mode) runs per micro-batch on them; a correction that
+        rejects tokens changes the loss normalisers after the gradients exist, so the gradients (and
+        loss sums) are rescaled by provisional / final count, which is exact: the normalisers enter
+        every aggregation as one global factor (``losses.loss_weights``). With ``keep`` (the lean
+        step) the correction must only reweight: the rows not kept are never forwarded, so their
+        rejections could not be known. Returns the stats, ``batch`` with OLD_LOGPROBS (0 on rows not
+        kept) and the Correction of every row (identity on rows not kept)."""
+        if batch.batch_size[0] == 0:
+            raise ValueError("fused_step: an empty batch (a rank with nothing to train passes loss_free(rows[:1]))")
+        rows = batch if keep is None else _rows(batch, keep)
+        stats, (old, corr) = self._policy_step(rows, batch[LOSS_MASK], agg, loss, loss_kwargs, kl_coef, entropy_coef,
+                                               norm_len, keep is not None, correct)
+        stats["train/optimizer_steps"] = 1
+        mask = batch[LOSS_MASK]
+        zeros = torch.zeros(mask.shape, dtype=old.dtype, device=old.device)
+        full = Correction(torch.where(mask, 1.0, 0.0).to(old.dtype), mask.clone(), torch.zeros_like(mask), zeros.clone())
+        full_old = zeros
+        sel = slice(None) if keep is None else keep
+        if keep is None or bool(keep.any()):
+            full_old[sel] = old
+            for f in ("weight", "mask", "truncated", "anchor"):
+                getattr(full, f)[sel] = getattr(corr, f).to(getattr(full, f).dtype)
+        out = batch.copy()
+        out[OLD_LOGPROBS] = full_old
+        return stats, out, full
+
     def _policy_step(self, batch: TensorDict, norm_mask: torch.Tensor, agg: str, loss: str, loss_kwargs: dict,
-                     kl_coef: float, entropy_coef: float, norm_len: float | None, partial: bool) -> dict[str, float]:
+                     kl_coef: float, entropy_coef: float, norm_len: float | None, partial: bool,
+                     correct: Callable | None = None):
         """One optimizer step of the policy loss over ``batch``, normalised by ``norm_mask``'s counts
-        over all trainer ranks (``partial``: ``batch`` holds only part of those rows)."""
+        over all trainer ranks (``partial``: ``batch`` holds only part of those rows). With
+        ``correct`` (``fused_step``): pi_old from each micro-batch's own forward, the correction
+        applied to it, ``norm_mask`` the provisional LOSS_MASK; also returns (OLD_LOGPROBS,
+        Correction) of ``batch``'s rows, each [n, T]."""
         norm = all_reduce_norm(loss_norm(norm_mask, agg, norm_len), group=self.group, device=self.device)
-        mbs = self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens))
+        real = micro_batches(batch, self.cfg.micro_batch_tokens)
+        mbs = self._aligned(real)
         self.opt.zero_grad(set_to_none=True)
-        sums = {"train/seqs": float(batch[TRAIN_MASK].any(-1).sum()),  # trajectories with a loss token
-                "train/entropy_tokens": float(batch[TRAIN_MASK].sum())}
-        for mb in mbs:
-            mask = mb[TRAIN_MASK] | mb[LOSS_MASK]
-            lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True, mask=mask)
+        sums: dict[str, float] = {}
+        kept: list[tuple[torch.Tensor, Correction]] = []  # fused: each real micro-batch's pi_old and correction
+        for i, mb in enumerate(mbs):
+            mask = mb[LOSS_MASK] if correct is not None else mb[TRAIN_MASK] | mb[LOSS_MASK]
+            lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True, mask=mask)  # [n, T] each
+            if correct is not None:
+                mb = mb.copy()
+                mb[OLD_LOGPROBS] = torch.where(mb[LOSS_MASK], lp.detach(), 0.0)
+                mb, corr = correct(mb)
+                if i < len(real):
+                    kept.append((mb[OLD_LOGPROBS], corr))
             total, m = micro_batch_loss(lp, mb, norm, loss=loss, loss_kwargs=loss_kwargs, kl_coef=kl_coef,
                                         entropy=ent if entropy_coef > 0 else ent.detach(),
                                         entropy_coef=entropy_coef)
             (total * self.dp).backward()
             m["loss/total"] = total.detach()
             m["train/entropy_sum"] = torch.where(mb[TRAIN_MASK], ent.detach(), 0.0).sum()
+            m["train/seqs"] = mb[TRAIN_MASK].any(-1).sum()  # trajectories with a loss token
+            m["train/entropy_tokens"] = mb[TRAIN_MASK].sum()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        fused = None
+        if correct is not None:
+            T = batch[TOKENS].shape[1]
+            pad = lambda x: F.pad(x, (0, T - x.shape[1]))  # noqa: E731  micro-batches are trimmed
+            fused = (torch.cat([pad(o) for o, _ in kept]),
+                     Correction(*(torch.cat([pad(getattr(c, f)) for _, c in kept])
+                                  for f in ("weight", "mask", "truncated", "anchor"))))
+            norm = self._renormalise(norm, fused[1].mask, batch[LOSS_MASK], agg, norm_len, partial, sums)
         if partial:  # an aggregate over part of the batch's tokens: not a mean of anything
             sums.pop("loss/entropy", None)
         stats = self._optimizer_step()
@@ -201,7 +258,31 @@ class Trainer:
         stats["train/micro_batches"] = len(mbs)
         n_tok = stats.pop("train/entropy_tokens")
         stats["train/entropy"] = stats.pop("train/entropy_sum") / max(n_tok, 1.0)  # token mean, trained tokens
-        return stats
+        return stats if correct is None else (stats, fused)
+
+    def _renormalise(self, norm: LossNorm, train_mask: torch.Tensor, loss_mask: torch.Tensor, agg: str,
+                     norm_len: float | None, partial: bool, sums: dict[str, float]) -> LossNorm:
+        """Fused step: the loss was normalised by the LOSS_MASK counts; the correction's rejections
+        (TRAIN_MASK) give the true ones. Scale the gradients and the loss sums by provisional /
+        true (the token count for token-mean, the trajectory count otherwise; clip_frac is a
+        fraction of tokens). Returns the true counts."""
+        rejected = bool((train_mask != loss_mask).any())
+        if partial and rejected:
+            raise ValueError("fused_step with keep: the correction rejected tokens (a lean step needs a correction "
+                             "that only reweights, sidpt.rl.REWEIGHT_ONLY)")
+        if not bool(all_reduce_max([float(rejected)], self.device, self.group)[0]):
+            return norm
+        true = all_reduce_norm(loss_norm(train_mask, agg, norm_len), group=self.group, device=self.device)
+        by_tok = max(norm.num_tokens, 1.0) / max(true.num_tokens, 1.0)
+        by_seq = max(norm.num_seqs, 1.0) / max(true.num_seqs, 1.0)
+        f = by_tok if agg == "token-mean" else by_seq
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(f)
+        for k in sums:
+            if k.startswith("loss/"):
+                sums[k] *= by_tok if k == "loss/clip_frac" else f
+        return true
 
     def sft_step(self, batch: TensorDict, context_weight: float = 0.0) -> dict[str, float]:
         """Cross-entropy on the LOSS_MASK tokens, plus ``context_weight`` times the cross-entropy on
