@@ -2,12 +2,13 @@
 
     python tools/bench_rollout.py                       # 6M / 25M / 100M at batch 1, 16, 64
     python tools/bench_rollout.py --sizes 25M --batches 64 --new-tokens 64
+    python tools/bench_rollout.py --sizes 25M --batches 16 64 --new-tokens 64 --sample   # the RL setting
     python tools/bench_rollout.py --sizes runs/smollm2    # a checkpoint directory (a real model)
     python tools/bench_rollout.py --thrash                # scheduling under KV-cache pressure
 
 Same weights (random, saved by sidpt and loaded by transformers; or a checkpoint directory that
 both load, e.g. SmolLM2-135M-Instruct from ``tools/import_gguf.py --smollm2``), same prompts (16
-random tokens each), greedy, ``--new-tokens`` new tokens per prompt, fp32, 2 threads.
+random tokens each), greedy (or ``--sample``: temperature 1, no top-k / top-p, both), ``--new-tokens`` new tokens per prompt, fp32, 2 threads.
 
 Roofline. Both rates are measured at start-up in this run: the matmul rate F (best of a few
 1024^3 fp32 GEMMs) and the copy bandwidth W (bytes read + written per second by a 256 MiB
@@ -77,29 +78,33 @@ def roofline_seconds(args: ModelArgs, B: int, prompt: int, new: int, F: float, W
     return total
 
 
-def bench_sidpt(model, prompts, new: int, repeats: int) -> float:
+def bench_sidpt(model, prompts, new: int, repeats: int, sample: bool = False) -> float:
     cfg = EngineConfig(block_size=16, kv_cache_mb=2048, max_model_len=len(prompts[0]) + new + 16,
                        max_seqs=max(8, len(prompts)), max_prefill_tokens=8192)
     engine = Engine(model, cfg)
-    params = SamplingParams(temperature=0.0, max_new_tokens=new)
-    engine.generate([Request(f"w{i}", p, SamplingParams(temperature=0.0, max_new_tokens=4))
+    temp = 1.0 if sample else 0.0
+    engine.generate([Request(f"w{i}", p, SamplingParams(temperature=temp, max_new_tokens=4))
                      for i, p in enumerate(prompts)])
     best = float("inf")
     for r in range(repeats):
+        reqs = [Request(f"{r}-{i}", p, SamplingParams(temperature=temp, max_new_tokens=new, seed=r * len(prompts) + i))
+                for i, p in enumerate(prompts)]
         t = time.perf_counter()
-        outs = engine.generate([Request(f"{r}-{i}", p, params) for i, p in enumerate(prompts)])
+        outs = engine.generate(reqs)
         best = min(best, time.perf_counter() - t)
         assert all(len(o.tokens) == len(p) + new for o, p in zip(outs, prompts))
     return best
 
 
-def bench_hf(path, prompts, new: int, repeats: int) -> float:
+def bench_hf(path, prompts, new: int, repeats: int, sample: bool = False) -> float:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
-    kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    # sampled: the RL setting, the full distribution (transformers' default top_k=50 switched off)
+    how = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, **how)
     with torch.no_grad():
         model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
         best = float("inf")
@@ -152,6 +157,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (sidpt only)")
+    ap.add_argument("--sample", action="store_true",
+                    help="sampled decode (temperature 1, top-k 0, top-p 1: the RL setting) instead of greedy")
     ap.add_argument("--thrash", action="store_true", help="only the KV-cache pressure scheduling benchmark")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -164,7 +171,7 @@ def main() -> None:
     F, W = measure_rates()
     console.print(f"measured: matmul {F / 1e9:.1f} GFLOP/s, copy {W / 1e9:.2f} GB/s (read + write)")
 
-    table = Table(title=f"greedy decode, prompt {a.prompt_len}, {a.new_tokens} new tokens, fp32, "
+    table = Table(title=f"{'sampled (T=1)' if a.sample else 'greedy'} decode, prompt {a.prompt_len}, {a.new_tokens} new tokens, fp32, "
                         f"{a.threads} threads (tokens/s)")
     for col in ("model", "batch", "sidpt", "transformers", "sidpt / HF", "roofline", "sidpt % roof",
                 "HF % roof", "bound"):
@@ -186,8 +193,8 @@ def main() -> None:
             for B in a.batches:
                 prompts = torch.randint(0, args.vocab_size, (B, a.prompt_len), generator=g).tolist()
                 n = B * a.new_tokens
-                t_s = bench_sidpt(model, prompts, a.new_tokens, a.repeats)
-                t_h = None if a.no_hf else bench_hf(hf_dir, prompts, a.new_tokens, a.repeats)
+                t_s = bench_sidpt(model, prompts, a.new_tokens, a.repeats, a.sample)
+                t_h = None if a.no_hf else bench_hf(hf_dir, prompts, a.new_tokens, a.repeats, a.sample)
                 roof = roofline_seconds(args, B, a.prompt_len, a.new_tokens, F, W)
                 flops_t = 2 * B * (args.num_params(False) + args.vocab_size * args.dim) / F
                 bytes_t = 4 * (args.num_params(False) + args.vocab_size * args.dim) / W

@@ -58,12 +58,17 @@ class EngineConfig:
     seed: int = 0  # draws the seed of requests that bring none
     cuda_graphs: bool = True  # on CUDA: capture decode steps as CUDA graphs (ignored on CPU)
     static_decode: bool = False  # pad decode batches to fixed (batch, context) buckets; on with graphs
+    # matmul operand order of the engine's model: "auto" = weight-left on CPU (1.4-1.6x faster decode
+    # matmuls with MKL, see model.weight_left_linear), F.linear elsewhere; "linear"; "weight-left"
+    matmul: str = "auto"
 
     def __post_init__(self):
         for name, lo in (("block_size", 1), ("num_blocks", 0), ("max_seqs", 1), ("max_model_len", 2),
                          ("max_prefill_tokens", 1)):
             if getattr(self, name) < lo:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)}: must be >= {lo}")
+        if self.matmul not in ("auto", "linear", "weight-left"):
+            raise ValueError(f"matmul={self.matmul!r}: auto, linear or weight-left")
         if self.precision != "native" and self.precision.removeprefix("emulated-") not in FORMATS:
             raise ValueError(f"precision={self.precision!r}: native or emulated-{{{', '.join(FORMATS)}}}")
 
@@ -109,6 +114,7 @@ class Engine:
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
         a = model.args
+        model.set_weight_left(config.matmul == "weight-left" or (config.matmul == "auto" and self.device.type == "cpu"))
         self.fmt = None if config.precision == "native" else config.precision.removeprefix("emulated-")
         if self.fmt is not None:
             if p.dtype != torch.float32:
