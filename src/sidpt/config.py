@@ -179,6 +179,10 @@ class TrainConfig:
     second on, pi differs from pi_old, so the ratio and the clip act."""
     epochs: int = 1
     """Passes over the step's batch (verl's ``ppo_epochs``, TRL's ``num_iterations``)."""
+    pack: bool = True
+    """RL forwards (update, recompute, the trainer's reference) on packed micro-batches: one row
+    without padding in which each group's shared prompt appears once (``sidpt.packing``); the
+    same log-probs and gradients to float rounding. Off: right-padded rows."""
     fuse_old_logprobs: bool = True
     """With one optimizer update per batch (``mini_batches = epochs = 1``) take pi_old from the
     training forward's own log-probs (detached: pi_old = pi before the only step) instead of a

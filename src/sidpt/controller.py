@@ -382,7 +382,7 @@ def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trai
     if plan.trainer_enabled:
         t = cfg.train
         trainer = Trainer(policy, OptimConfig(t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip,
-                                              t.micro_batch_tokens), mesh=plan.trainer_mesh,
+                                              t.micro_batch_tokens, t.pack), mesh=plan.trainer_mesh,
                           reference=cfg.algo.kl_coef > 0 and not plan.own_reference)
     if plan.rollout_enabled:
         with torch.device("meta"):

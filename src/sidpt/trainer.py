@@ -22,10 +22,11 @@ from tensordict import TensorDict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, SEQ_LEN, TOKENS
+from sidpt.batch import ADVANTAGES, GROUP_ID, LOSS_MASK, OLD_LOGPROBS, PROMPT_LEN, REF_LOGPROBS, SEQ_LEN, TOKENS
 from sidpt.dist.transfer import bucket_names
 from sidpt.dist.world import all_reduce_max, all_reduce_sum
 from sidpt.model.model import Transformer, token_logprobs
+from sidpt.packing import packed_logprobs
 from sidpt.rl import TRAIN_MASK, Correction, LossNorm, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
 
 
@@ -36,6 +37,7 @@ class OptimConfig:
     betas: tuple[float, float]
     grad_clip: float
     micro_batch_tokens: int
+    pack: bool = False  # RL forwards through sidpt.packing (no padding, each group's prompt once)
 
 
 def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False, mask: torch.Tensor | None = None):
@@ -110,6 +112,13 @@ class Trainer:
                                      weight_decay=optim.weight_decay, eps=1e-8)
         self.minibatch_stats: list[dict[str, float]] = []  # the last rl_step's, one per optimizer step
 
+    def _logprobs(self, model, mb: TensorDict, mask: torch.Tensor, entropy: bool = False):
+        """``sequence_logprobs`` of a micro-batch, packed (``OptimConfig.pack``) when it carries its
+        prompt lengths and group ids: the same values to float rounding, less work."""
+        if self.cfg.pack and PROMPT_LEN in mb.keys() and GROUP_ID in mb.keys():
+            return packed_logprobs(model, mb[TOKENS], mb[SEQ_LEN], mb[PROMPT_LEN], mb[GROUP_ID], mask, entropy)
+        return sequence_logprobs(model, mb[TOKENS], entropy=entropy, mask=mask)
+
     def _aligned(self, mbs: list[TensorDict]) -> list[TensorDict]:
         """Pad the micro-batch list with loss-free copies so every rank runs the same count."""
         n = int(all_reduce_max([len(mbs)], self.device, self.group)[0])
@@ -134,10 +143,10 @@ class Trainer:
         olds, refs = [], []
         for mb in self._aligned(micro_batches(batch, self.cfg.micro_batch_tokens)):
             if policy:
-                lp, _ = sequence_logprobs(self.model, mb[TOKENS], mask=mb[LOSS_MASK])
+                lp, _ = self._logprobs(self.model, mb, mb[LOSS_MASK])
                 olds.append(F.pad(lp, (0, T - lp.shape[1])))
             if self.reference is not None:
-                rlp, _ = sequence_logprobs(self.reference, mb[TOKENS], mask=mb[LOSS_MASK])
+                rlp, _ = self._logprobs(self.reference, mb, mb[LOSS_MASK])
                 refs.append(F.pad(rlp, (0, T - rlp.shape[1])))
         n = batch.batch_size[0]
         out = batch.copy()
@@ -224,7 +233,7 @@ class Trainer:
         kept: list[tuple[torch.Tensor, Correction]] = []  # fused: each real micro-batch's pi_old and correction
         for i, mb in enumerate(mbs):
             mask = mb[LOSS_MASK] if correct is not None else mb[TRAIN_MASK] | mb[LOSS_MASK]
-            lp, ent = sequence_logprobs(self.model, mb[TOKENS], entropy=True, mask=mask)  # [n, T] each
+            lp, ent = self._logprobs(self.model, mb, mask, entropy=True)  # [n, T] each
             if correct is not None:
                 mb = mb.copy()
                 mb[OLD_LOGPROBS] = torch.where(mb[LOSS_MASK], lp.detach(), 0.0)
