@@ -470,3 +470,22 @@ def test_bad_engine_configs_are_rejected():
     for key, value in (("block_size", 0), ("max_prefill_tokens", 0), ("max_seqs", 0), ("max_model_len", 1)):
         with pytest.raises(ValueError, match=f"EngineConfig.{key}={value}"):
             EngineConfig(**{key: value})
+
+
+def test_a_groups_shared_prompt_is_prefilled_once_and_matches_separate_requests():
+    """8 samples of one prompt (a GRPO group) and 2 of another, in one admission: each prompt's
+    K/V are computed once and copied; every output (tokens, logprobs) equals the same request run
+    alone (float64: to 1e-12)."""
+    model = build_model(ModelArgs(vocab_size=64), dtype=torch.float64, seed=2)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 64, (11,), generator=g).tolist(), torch.randint(0, 64, (7,), generator=g).tolist()
+    reqs = [Request(i, a if i < 8 else b, SamplingParams(temperature=1.0, max_new_tokens=6, seed=100 + i))
+            for i in range(10)]
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=32))
+    outs = engine.generate(reqs)
+    assert engine.stats["shared_prefill_tokens"] == 7 * len(a) + 1 * len(b)
+    assert len({tuple(o.tokens) for o in outs[:8]}) > 1  # the samples differ after the shared prompt
+    for r, o in zip(reqs, outs):
+        alone = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=32)).generate([r])[0]
+        assert alone.tokens == o.tokens
+        assert max(abs(x - y) for x, y in zip(alone.logprobs, o.logprobs)) <= 1e-12
