@@ -286,6 +286,10 @@ def trl_worker(spec_path: str) -> None:
         cur["groups"] += len(gids)
         cur["flat_groups"] += sum(is_flat(i) for i in gids)
         cur["tokens"] += sum(len(c) for c in completion_ids)
+        p_len = [len(tok(p).input_ids) for p in prompts]
+        c_len = [len(c) for c in completion_ids]
+        cur["seq_tokens"] += sum(p_len) + sum(c_len)  # real tokens of the trained rows
+        cur["forward_tokens"] += len(c_len) * (max(p_len) + max(c_len))  # left-padded prompts, right-padded completions
         cur["ids"] += gids
         return [reward(SimpleNamespace(id=i), c, {}) for i, c in zip(pid, completions)]
 
@@ -309,7 +313,8 @@ def trl_worker(spec_path: str) -> None:
 
     class StepTimer(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            cur.update(groups=0, flat_groups=0, tokens=0, ids=[], gen_s=0.0, gen_calls=0, score_s=0.0)
+            cur.update(groups=0, flat_groups=0, tokens=0, ids=[], gen_s=0.0, gen_calls=0, score_s=0.0, seq_tokens=0,
+                       forward_tokens=0)
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -317,6 +322,7 @@ def trl_worker(spec_path: str) -> None:
             rows.append({"step": state.global_step - 1, "time_step": dt, "time_generate": cur["gen_s"],
                          "time_score": cur["score_s"] - cur["gen_s"], "time_train": dt - cur["score_s"],
                          "gen_calls": cur["gen_calls"], "tokens": cur["tokens"], "groups": cur["groups"],
+                         "seq_tokens": cur["seq_tokens"], "forward_tokens": cur["forward_tokens"],
                          "flat_groups": cur["flat_groups"], "ids": cur["ids"],
                          "threads": torch.get_num_threads()})
 
@@ -401,6 +407,7 @@ def run_trl(a, ckpt: Path, plan: dict, work: Path) -> dict:
     return {"meta": meta, "wall": wall, "same_prompts": ids == plan["ids"], "steps": [
         {"step": r["step"], "time_step": r["time_step"], "time_generate": r["time_generate"],
          "time_score": r["time_score"], "time_train": r["time_train"], "tokens": r["tokens"],
+         "seq_tokens": r["seq_tokens"], "forward_tokens": r["forward_tokens"],
          "flat_groups": r["flat_groups"], "groups": r["groups"], "threads": r["threads"]} for r in measured]}
 
 
@@ -456,6 +463,7 @@ def run_sidpt(a, ckpt: Path, plan: dict, work: Path, task, n_train: int, n_heldo
                       **{f"time_{k}": v for k, v in phases.items()},
                       "time_rest": r["time/step"] - sum(phases.values()),
                       "tokens": r["rollout/response_tokens"] * eps,
+                      "seq_tokens": r.get("train/seq_tokens", 0.0), "forward_tokens": r.get("train/forward_tokens", 0.0),
                       "flat_groups": r["rollout/zero_adv_seqs"] / a.group, "groups": eps / a.group,
                       "timers": {k: v for k, v in r.items() if k.startswith("time/")}})
     return {"wall": wall, "same_prompts": same, "steps": steps}
@@ -474,7 +482,7 @@ def summarise(system: str, res: dict, samples: int) -> dict:
             "tokens_per_s": mean("tokens") / med,
             "flat_share": sum(r["flat_groups"] for r in st) / max(sum(r["groups"] for r in st), 1),
             **{k: mean(k) for k in ("time_generate", "time_rollout", "time_score", "time_recompute",
-                                    "time_train", "time_publish", "time_rest")},
+                                    "time_train", "time_publish", "time_rest", "seq_tokens", "forward_tokens")},
             "same_prompts": res.get("same_prompts"), "wall_s": res["wall"], "measured_steps": len(st)}
 
 
@@ -501,6 +509,41 @@ def table(console, title: str, sums: dict) -> None:
         t.add_row(name, f"{s['s_per_step']:.3f}", f"{s['samples_per_s']:.1f}", f"{s['tokens_per_step']:.1f}",
                   f(gen), f(s["time_score"]), f(s["time_recompute"]), f(s["time_train"]), f(s["time_publish"]),
                   f(s["time_rest"]), f"{s['flat_share']:.0%}", ratio)
+    console.print(t)
+
+
+def matmul_peak(repeats: int = 5) -> float:
+    """FLOP/s of the best of a few 1024^3 fp32 GEMMs on this machine, now (the MFU denominator)."""
+    import torch
+
+    x, y = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    x @ y
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024**3 / best
+
+
+def utilisation_table(console, sums: dict, n_params: int, peak: float) -> None:
+    """The trainer phase against the matmul peak measured in this run: model FLOPs 6 N per real
+    token of every trained trajectory (prompt included; N = non-embedding parameters plus the LM
+    head; attention FLOPs left out), executed FLOPs 6 N per token the forwards ran on (TRL: rows x
+    (longest prompt + longest completion); sidpt: packed tokens, each group's prompt once). MFU
+    above 100% means the trainer did the model's work with fewer FLOPs than a padded batch."""
+    from rich.table import Table
+
+    t = Table(title=f"trainer utilisation: 6 N FLOPs per token, N = {n_params / 1e6:.1f}M, peak {peak / 1e9:.0f} "
+                    f"GFLOP/s (1024^3 GEMM, this run)")
+    for col in ("system", "train s", "trajectory tokens", "executed tokens", "MFU", "HFU"):
+        t.add_column(col, justify="right")
+    for name in SYSTEMS:
+        if (s := sums.get(name)) is None or not s.get("time_train"):
+            continue
+        flops = lambda tok: 6 * n_params * tok / s["time_train"] / peak  # noqa: E731
+        t.add_row(name, f"{s['time_train']:.3f}", f"{s['seq_tokens']:.0f}", f"{s['forward_tokens']:.0f}",
+                  f"{flops(s['seq_tokens']):.0%}", f"{flops(s['forward_tokens']):.0%}")
     console.print(t)
 
 
@@ -597,6 +640,9 @@ def main() -> None:
             table(console, f"{a.size} qwen2 ({args.n_layers} layers), {a.prompts} x {a.group} samples, "
                            f"<= {a.new_tokens} new tokens, fp32, {a.threads} threads; flat share {share:g}; "
                            f"median of {a.steps} steps after {a.warmup} warm-up", sums)
+            peak = matmul_peak()
+            utilisation_table(console, sums, args.num_params(embeddings=False) + args.vocab_size * args.dim, peak)
+            out_rows.append({"kind": "peak", "flat_share_target": share, "matmul_flops": peak})
             atomic_write(out, "".join(json.dumps(r) + "\n" for r in out_rows))  # after each workload
         console.print(f"rows: {out}" + (f"; work dir kept: {work}" if a.keep else "")
                       + (f"; load average at the start {load:.2f}" if load > 0.5 else ""))

@@ -149,7 +149,7 @@ def packed_logprobs(model, tokens: torch.Tensor, seq_len: torch.Tensor, prompt_l
                     group: torch.Tensor, mask: torch.Tensor, entropy: bool = False):
     """``sequence_logprobs(model, tokens, entropy, mask)`` through the packed layout: lp [n, T]
     with lp[:, t] = log p(tokens[:, t] | tokens[:, :t]) on the ``mask`` positions (0 elsewhere),
-    and their entropies when asked."""
+    their entropies when asked, and the number of flat tokens the forward ran on."""
     target = mask.clone()
     target[:, 0] = False
     pk = build_packing(tokens, seq_len, prompt_len, group)
@@ -159,4 +159,4 @@ def packed_logprobs(model, tokens: torch.Tensor, seq_len: torch.Tensor, prompt_l
     ent = None
     if entropy:
         ent = torch.zeros_like(lp).masked_scatter(target, entropy_from_logits(logits))
-    return lp, ent
+    return lp, ent, pk.tokens.shape[1]

@@ -111,13 +111,18 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
                                      weight_decay=optim.weight_decay, eps=1e-8)
         self.minibatch_stats: list[dict[str, float]] = []  # the last rl_step's, one per optimizer step
+        self.forward_tokens = 0  # tokens the policy step's forwards ran on (packed or padded)
 
     def _logprobs(self, model, mb: TensorDict, mask: torch.Tensor, entropy: bool = False):
         """``sequence_logprobs`` of a micro-batch, packed (``OptimConfig.pack``) when it carries its
-        prompt lengths and group ids: the same values to float rounding, less work."""
+        prompt lengths and group ids: the same values to float rounding, less work. Counts the
+        tokens the forward ran on (``forward_tokens``: packed or padded), for utilisation figures."""
         if self.cfg.pack and PROMPT_LEN in mb.keys() and GROUP_ID in mb.keys():
-            return packed_logprobs(model, mb[TOKENS], mb[SEQ_LEN], mb[PROMPT_LEN], mb[GROUP_ID], mask, entropy)
-        return sequence_logprobs(model, mb[TOKENS], entropy=entropy, mask=mask)
+            lp, ent, n = packed_logprobs(model, mb[TOKENS], mb[SEQ_LEN], mb[PROMPT_LEN], mb[GROUP_ID], mask, entropy)
+        else:
+            (lp, ent), n = sequence_logprobs(model, mb[TOKENS], entropy=entropy, mask=mask), mb[TOKENS].numel()
+        self.forward_tokens += n
+        return lp, ent
 
     def _aligned(self, mbs: list[TensorDict]) -> list[TensorDict]:
         """Pad the micro-batch list with loss-free copies so every rank runs the same count."""
@@ -227,6 +232,7 @@ class Trainer:
         Correction) of ``batch``'s rows, each [n, T]."""
         norm = all_reduce_norm(loss_norm(norm_mask, agg, norm_len), group=self.group, device=self.device)
         real = micro_batches(batch, self.cfg.micro_batch_tokens)
+        self.forward_tokens = 0
         mbs = self._aligned(real)
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -248,6 +254,7 @@ class Trainer:
             m["train/entropy_sum"] = torch.where(mb[TRAIN_MASK], ent.detach(), 0.0).sum()
             m["train/seqs"] = mb[TRAIN_MASK].any(-1).sum()  # trajectories with a loss token
             m["train/entropy_tokens"] = mb[TRAIN_MASK].sum()
+            m["train/seq_tokens"] = mb[SEQ_LEN][mb[TRAIN_MASK].any(-1)].sum()  # real tokens of trained rows
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         fused = None
@@ -260,11 +267,13 @@ class Trainer:
             norm = self._renormalise(norm, fused[1].mask, batch[LOSS_MASK], agg, norm_len, partial, sums)
         if partial:  # an aggregate over part of the batch's tokens: not a mean of anything
             sums.pop("loss/entropy", None)
+        sums["train/forward_tokens"] = float(self.forward_tokens)  # what the forwards ran on: packed or padded
         stats = self._optimizer_step()
         keys = sorted(sums)
         stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device, self.group)))
         stats["train/tokens"] = norm.num_tokens
         stats["train/micro_batches"] = len(mbs)
+
         n_tok = stats.pop("train/entropy_tokens")
         stats["train/entropy"] = stats.pop("train/entropy_sum") / max(n_tok, 1.0)  # token mean, trained tokens
         return stats if correct is None else (stats, fused)
@@ -361,7 +370,7 @@ def _mean_stats(steps: list[dict[str, float]]) -> dict[str, float]:
     """Per-step statistics of several optimizer steps: the mean of each (grad norm, losses, clip
     fraction), the first and last step's clip fraction, the sums of counts."""
     out = {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
-    for k in ("train/seqs", "train/tokens", "train/micro_batches"):
+    for k in ("train/seqs", "train/tokens", "train/micro_batches", "train/forward_tokens", "train/seq_tokens"):
         out[k] = sum(s[k] for s in steps)
     if "loss/clip_frac" in steps[0]:
         out["loss/clip_frac_first"], out["loss/clip_frac_last"] = steps[0]["loss/clip_frac"], steps[-1]["loss/clip_frac"]

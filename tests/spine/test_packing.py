@@ -58,7 +58,7 @@ def test_packed_logprobs_equal_padded_float64(layout):
     rows, seed = layout
     tokens, seq_len, prompt_len, group, mask = make(rows, seed)
     lp, ent = sequence_logprobs(MODEL64, tokens, entropy=True, mask=mask)
-    plp, pent = packed_logprobs(MODEL64, tokens, seq_len, prompt_len, group, mask, entropy=True)
+    plp, pent, _ = packed_logprobs(MODEL64, tokens, seq_len, prompt_len, group, mask, entropy=True)
     assert float((lp - plp).detach().abs().max()) <= 1e-12 and float((ent - pent).detach().abs().max()) <= 1e-12
     params = list(MODEL64.parameters())
     g_pad = torch.autograd.grad((lp * 0.7 + ent * 0.3).sum(), params, allow_unused=True)
@@ -101,6 +101,9 @@ def test_trainer_update_with_packing_equals_padded_float64():
                           mini_batches=2)
         out.append((stats, part, dict(t.model.named_parameters())))
     (s0, p0, w0), (s1, p1, w1) = out
+    # two mini-batches of 4 rows: padded 4 x 15 each; packed 6 + 9 + 9 + 4 + 4 and 4 + 3 x 11 + 2
+    assert s0["train/forward_tokens"] == 120 and s1["train/forward_tokens"] == 32 + 39
+    assert s0["train/seq_tokens"] == s1["train/seq_tokens"] == 4 * 6 + 26 + 4 * 4 + 35
     assert s0["train/grad_norm"] > 1e-3 and abs(s0["train/grad_norm"] - s1["train/grad_norm"]) <= 1e-12
     assert float((p0["old_logprobs"] - p1["old_logprobs"]).abs().max()) <= 1e-12
     with torch.no_grad():
