@@ -122,6 +122,10 @@ class RolloutConfig:
     """KV cache size per rank."""
     precision: Literal["native", "emulated-bf16", "emulated-fp16", "emulated-fp8"] = "native"
     """Engine precision: native, or emulated-bf16 / emulated-fp16 / emulated-fp8 on an fp32 model."""
+    matmul: Literal["auto", "linear", "weight-left"] = "auto"
+    """The engine's matmul operand order: weight-left ``(W @ x^T)^T`` is faster for MKL's
+    few-row decode GEMMs on CPU (``sidpt.model.model.weight_left_linear``); auto: weight-left on
+    CPU, ``F.linear`` on GPU."""
 
 
 @dataclass

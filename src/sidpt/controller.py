@@ -392,7 +392,7 @@ def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trai
         model = model.to_empty(device=next(policy.parameters()).device).to(next(policy.parameters()).dtype)
         c = cfg.rollout
         engine = Engine(model, EngineConfig(block_size=c.block_size, kv_cache_mb=c.kv_cache_mb,
-                                            max_model_len=c.max_model_len, precision=c.precision,
+                                            max_model_len=c.max_model_len, precision=c.precision, matmul=c.matmul,
                                             max_seqs=max(64, c.prompts_per_step * c.group_size)), tokenizer=tok)
     return trainer, engine, reference
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidpt.model import SIZES, build_model
-from sidpt.model.model import weight_left_linear
+import sidpt.model.model as mm
+from sidpt.model.model import use_weight_left, weight_left_linear
 
 
 @settings(max_examples=30, deadline=None)
@@ -28,9 +29,13 @@ def test_weight_left_linear_equals_float64_linear(lead, k, n, bias, seed):
     assert float((got.double() - ref).abs().max()) <= 1e-6 * scale * max(1.0, k ** 0.5)
 
 
-def test_weight_left_model_logits_match_linear_model():
+def test_weight_left_model_logits_match_linear_model(monkeypatch):
     """A whole Qwen2-family forward (qkv bias, the feature-major MLP, the tied LM head):
-    weight-left equals the F.linear model to float32 rounding, and the float64 model to 1e-12."""
+    weight-left equals the F.linear model to float32 rounding, and the float64 model to 1e-12.
+    (The size rule is lowered so that the 1M model's small weights take the path.)"""
+    monkeypatch.setattr(mm, "WEIGHT_LEFT_MIN", 0)
+    calls = []
+    monkeypatch.setattr(mm, "weight_left_linear", lambda *a: calls.append(1) or weight_left_linear(*a))
     args = dataclasses.replace(SIZES["1M"], family="qwen2", qkv_bias=True)
     tokens = torch.randint(0, args.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-12)):
@@ -38,5 +43,15 @@ def test_weight_left_model_logits_match_linear_model():
         ref = model(tokens)
         got = model.set_weight_left(True)(tokens)
         model.set_weight_left(False)
+        assert len(calls) == 2 * args.n_layers + 1  # qkv and o per layer, the LM head (the MLP: its own path)
+        calls.clear()
         assert float(ref.abs().max()) > 0.1
         assert float((got - ref).abs().max()) <= tol
+
+
+def test_weight_left_is_taken_for_few_rows_of_a_big_weight_only():
+    big, small = torch.empty(1024, 512), torch.empty(256, 128)
+    assert use_weight_left(torch.empty(16, 1, 512), big) and use_weight_left(torch.empty(64, 512), big)
+    assert not use_weight_left(torch.empty(1, 1, 512), big)  # one row: a GEMV, F.linear is as fast
+    assert not use_weight_left(torch.empty(4, 65, 512), big)  # a prefill
+    assert not use_weight_left(torch.empty(16, 128), small)  # in cache
