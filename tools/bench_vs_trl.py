@@ -438,7 +438,8 @@ def run_sidpt(a, ckpt: Path, plan: dict, work: Path, task, n_train: int, n_heldo
                  "rollout.group_size": a.group, "rollout.max_new_tokens": a.new_tokens,
                  "rollout.max_model_len": a.new_tokens + 128, "rollout.temperature": 1.0, "rollout.top_p": 1.0,
                  "rollout.top_k": 0}
-    cmd = [sys.executable, "-m", "sidpt", str(toml), *(f"--{k}={toml_value(v)}" for k, v in overrides.items())]
+    cmd = [sys.executable, "-m", "sidpt", str(toml), *(f"--{k}={toml_value(v)}" for k, v in overrides.items()),
+           *(f"--{kv}" for kv in a.sidpt_set)]
     t = time.perf_counter()
     run_child(cmd, child_env(a, plan, out / "rewarded.json"), out / "log.txt", "sidpt: " + " ".join(cmd[1:]))
     wall = time.perf_counter() - t
@@ -577,6 +578,8 @@ def main() -> None:
     ap.add_argument("--flat-shares", type=float, nargs="+", default=[0.0, 0.5, 0.9],
                     help="shares of flat (equal-reward) groups, one workload each")
     ap.add_argument("--order", choices=["trl-first", "sidpt-first"], default="trl-first")
+    ap.add_argument("--sidpt-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra sidpt config overrides, e.g. train.pack=false (an ablation)")
     ap.add_argument("--sidpt-only", action="store_true", help="run sidpt alone (no TRL needed)")
     ap.add_argument("--out", default="runs/bench_vs_trl.jsonl", help="every row, JSONL")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (checkpoint, logs)")
