@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--thrash", action="store_true", help="only the KV-cache pressure scheduling benchmark")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    console = Console()
+    console = Console(width=150)  # piped output: no truncated columns
     if a.thrash:
         return bench_thrash(console)
     load = os.getloadavg()[0]

@@ -513,20 +513,6 @@ def table(console, title: str, sums: dict) -> None:
     console.print(t)
 
 
-def matmul_peak(repeats: int = 5) -> float:
-    """FLOP/s of the best of a few 1024^3 fp32 GEMMs on this machine, now (the MFU denominator)."""
-    import torch
-
-    x, y = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    x @ y
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x @ y
-        best = min(best, time.perf_counter() - t)
-    return 2 * 1024**3 / best
-
-
 def utilisation_table(console, sums: dict, n_params: int, peak: float) -> None:
     """The trainer phase against the matmul peak measured in this run: model FLOPs 6 N per real
     token of every trained trajectory (prompt included; N = non-embedding parameters plus the LM
@@ -563,6 +549,8 @@ def check_load(console, what: str = "") -> float:
 
 
 def main() -> None:
+    from bench_rollout import measure_rates  # this directory: the same GEMM peak as the rollout benchmark
+
     from sidpt.model import SIZES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -643,7 +631,7 @@ def main() -> None:
             table(console, f"{a.size} qwen2 ({args.n_layers} layers), {a.prompts} x {a.group} samples, "
                            f"<= {a.new_tokens} new tokens, fp32, {a.threads} threads; flat share {share:g}; "
                            f"median of {a.steps} steps after {a.warmup} warm-up", sums)
-            peak = matmul_peak()
+            peak = measure_rates()[0]  # the GEMM peak, beside each workload
             utilisation_table(console, sums, args.num_params(embeddings=False) + args.vocab_size * args.dim, peak)
             out_rows.append({"kind": "peak", "flat_share_target": share, "matmul_flops": peak})
             atomic_write(out, "".join(json.dumps(r) + "\n" for r in out_rows))  # after each workload
