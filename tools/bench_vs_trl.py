@@ -2,6 +2,7 @@
 
     pip install trl==1.16.0                              # TRL is not a sidpt dependency
     python tools/bench_vs_trl.py                         # 25M, 2 x 8 samples, 64 new tokens, 6 steps
+    python tools/bench_vs_trl.py --rounds 2 --steps 5                 # each system twice, alternating
     python tools/bench_vs_trl.py --flat-shares 0.5 --steps 10 --order sidpt-first
     python tools/bench_vs_trl.py --size 1M --steps 1 --warmup 1 --new-tokens 8 --flat-shares 0.5  # smoke
     python tools/bench_vs_trl.py --sidpt-only            # without TRL
@@ -50,7 +51,10 @@ forward, ``train.fuse_old_logprobs``, as TRL does with num_iterations 1), ``time
 ``time/publish`` (the weight copy into the engine and its probe check); "rest" = step minus
 those: advantages, the correction and mismatch statistics). s/step is the median over the
 measured steps, samples/s is samples per step over it, the phases and completion tokens per step
-are means. Every row goes to ``--out`` (JSONL, rewritten atomically after each workload).
+are means; with ``--rounds`` each system runs that many times per workload, alternating, the
+order flipping every round (the machine's speed drifts: neither system gets the fast minutes),
+the table pools all measured steps and a line gives the ratio of each round. Every row goes to
+``--out`` (JSONL, rewritten atomically after each workload).
 Another process on the cores skews every number (torch on busy cores runs many times slower):
 the load average is checked before each system runs.
 """
@@ -474,6 +478,12 @@ def run_sidpt(a, ckpt: Path, plan: dict, work: Path, task, n_train: int, n_heldo
 # The table
 
 
+def pool(results: list[dict]) -> dict:
+    """Several runs of one system as one: their measured steps together."""
+    return {"wall": sum(r["wall"] for r in results), "same_prompts": all(r["same_prompts"] for r in results),
+            "steps": [step for r in results for step in r["steps"]], "meta": results[0].get("meta")}
+
+
 def summarise(system: str, res: dict, samples: int) -> dict:
     st = res["steps"]
     med = statistics.median(r["time_step"] for r in st)
@@ -566,6 +576,8 @@ def main() -> None:
     ap.add_argument("--flat-shares", type=float, nargs="+", default=[0.0, 0.5, 0.9],
                     help="shares of flat (equal-reward) groups, one workload each")
     ap.add_argument("--order", choices=["trl-first", "sidpt-first"], default="trl-first")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each system per workload, alternating (the order flips every round)")
     ap.add_argument("--sidpt-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra sidpt config overrides, e.g. train.pack=false (an ablation)")
     ap.add_argument("--sidpt-only", action="store_true", help="run sidpt alone (no TRL needed)")
@@ -611,26 +623,35 @@ def main() -> None:
         for share in a.flat_shares:
             plan = prompt_plan(task, a.prompts, a.warmup, a.steps, share)
             out_rows.append({"kind": "plan", "flat_share_target": share, **plan})
-            sums = {}
-            for name in systems:
-                wl = work / f"flat{share:g}"
-                before = check_load(console, f"flat share {share:g}, {name}")
-                if name == "trl":
-                    res = run_trl(a, ckpt, plan, wl)
-                else:
-                    res = run_sidpt(a, ckpt, plan, wl, task, n_train, n_heldout)
-                if not res["same_prompts"]:
-                    console.print(f"[yellow]{name} did not score the planned prompts (sidpt's draw or TRL's "
-                                  f"dataset order changed?): the realised flat share below still holds[/]")
-                sums[name] = summarise(name, res, samples)
-                common = {"flat_share_target": share, "system": name, "size": a.size, "n_layers": args.n_layers,
-                          "prompts": a.prompts, "group": a.group, "new_tokens": a.new_tokens,
-                          "threads": a.threads, "load_before": before}
-                out_rows += [{"kind": "step", **common, **r} for r in res["steps"]]
-                out_rows.append({"kind": "summary", **common, **sums[name], "versions": res.get("meta")})
+            runs: dict[str, list[dict]] = {name: [] for name in systems}
+            for rnd in range(a.rounds):  # the order flips every round: a drifting machine favours neither
+                for name in systems if rnd % 2 == 0 else systems[::-1]:
+                    wl = work / f"flat{share:g}" / f"round{rnd}"
+                    before = check_load(console, f"flat share {share:g}, {name}, round {rnd + 1}/{a.rounds}")
+                    if name == "trl":
+                        res = run_trl(a, ckpt, plan, wl)
+                    else:
+                        res = run_sidpt(a, ckpt, plan, wl, task, n_train, n_heldout)
+                    if not res["same_prompts"]:
+                        console.print(f"[yellow]{name} did not score the planned prompts (sidpt's draw or TRL's "
+                                      f"dataset order changed?): the realised flat share below still holds[/]")
+                    runs[name].append(res)
+                    common = {"flat_share_target": share, "system": name, "size": a.size, "n_layers": args.n_layers,
+                              "prompts": a.prompts, "group": a.group, "new_tokens": a.new_tokens,
+                              "threads": a.threads, "load_before": before, "round": rnd}
+                    out_rows += [{"kind": "step", **common, **r} for r in res["steps"]]
+                    out_rows.append({"kind": "summary", **common, **summarise(name, res, samples),
+                                     "versions": res.get("meta")})
+            sums = {name: summarise(name, pool(rs), samples) for name, rs in runs.items()}
             table(console, f"{a.size} qwen2 ({args.n_layers} layers), {a.prompts} x {a.group} samples, "
                            f"<= {a.new_tokens} new tokens, fp32, {a.threads} threads; flat share {share:g}; "
-                           f"median of {a.steps} steps after {a.warmup} warm-up", sums)
+                           f"median of {a.steps} steps after {a.warmup} warm-up x {a.rounds} round(s)", sums)
+            if a.rounds > 1 and "trl" in runs:
+                per = [summarise("sidpt", s, samples)["samples_per_s"] / summarise("trl", t, samples)["samples_per_s"]
+                       for s, t in zip(runs["sidpt"], runs["trl"])]
+                console.print("sidpt / TRL samples/s per round: " + ", ".join(f"{x:.2f}x" for x in per))
+                out_rows.append({"kind": "rounds", "flat_share_target": share, "ratios": per})
+            out_rows.append({"kind": "pooled", "flat_share_target": share, **{n: v for n, v in sums.items()}})
             peak = measure_rates()[0]  # the GEMM peak, beside each workload
             utilisation_table(console, sums, args.num_params(embeddings=False) + args.vocab_size * args.dim, peak)
             out_rows.append({"kind": "peak", "flat_share_target": share, "matmul_flops": peak})
