@@ -489,3 +489,16 @@ def test_a_groups_shared_prompt_is_prefilled_once_and_matches_separate_requests(
         alone = Engine(model, EngineConfig(block_size=4, num_blocks=64, max_model_len=32)).generate([r])[0]
         assert alone.tokens == o.tokens
         assert max(abs(x - y) for x, y in zip(alone.logprobs, o.logprobs)) <= 1e-12
+
+
+def test_the_engines_inference_mode_leaves_a_shared_model_trainable():
+    """The engine steps under torch.inference_mode; a model it ran first (its RoPE table cached
+    inside that mode: an inference tensor, which autograd never has to save) still trains."""
+    model = build_model(ModelArgs(vocab_size=64), seed=3)
+    Engine(model, EngineConfig(block_size=4, num_blocks=16, max_model_len=16)).generate(
+        [Request(0, [1, 2, 3], SamplingParams(temperature=1.0, max_new_tokens=3, seed=1))])
+    model.train()
+    loss = model(torch.tensor([[1, 2, 3, 4, 5]])).log_softmax(-1)[0, :-1, 0].sum()
+    loss.backward()
+    g = model.embed_tokens.weight.grad
+    assert g is not None and bool(torch.isfinite(g).all()) and float(g.abs().max()) > 0
