@@ -124,8 +124,9 @@ class RolloutConfig:
     """Engine precision: native, or emulated-bf16 / emulated-fp16 / emulated-fp8 on an fp32 model."""
     matmul: Literal["auto", "linear", "weight-left"] = "auto"
     """The engine's matmul operand order: weight-left ``(W @ x^T)^T`` is faster for MKL's
-    few-row decode GEMMs on CPU (``sidpt.model.model.weight_left_linear``); auto: weight-left on
-    CPU, ``F.linear`` on GPU."""
+    few-row decode GEMMs on CPU (``sidpt.model.model.weight_left_linear``). auto and weight-left:
+    on CPU (weight-left: on any device) for products of 2-64 rows with weights of 1 MB or more
+    (``use_weight_left``), ``F.linear`` otherwise; linear: ``F.linear`` always."""
 
 
 @dataclass

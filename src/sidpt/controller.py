@@ -211,7 +211,8 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
     lean = cfg.train.skip_zero_adv and a.kl_coef == 0 and a.entropy_coef == 0
     only_signal = lean and a.correction in REWEIGHT_ONLY
     # One update per batch: pi_old is the training forward's own log-probs (no recompute forward)
-    fused = cfg.train.fuse_old_logprobs and cfg.train.mini_batches == cfg.train.epochs == 1 and (only_signal or not lean)
+    one_update = cfg.train.mini_batches == cfg.train.epochs == 1
+    fused = cfg.train.fuse_old_logprobs and one_update and (only_signal or not lean)
     with r.timers("recompute"):
         if not fused or trainer.reference is not None:  # pi_old, or only pi_ref for the fused step
             batch = trainer.recompute(batch, rows=keep if only_signal else None, policy=not fused)

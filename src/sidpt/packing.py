@@ -44,6 +44,7 @@ class Packing:
     prefix: torch.Tensor  # [U, P_max] flat index of each unit's prompt token (padding: 0)
     rest: torch.Tensor  # [n, L_max] flat index of each row's remainder token (padding: 0)
     rest_unit: torch.Tensor  # [n] the unit of each row
+    rest_prompt: torch.Tensor  # [n] the length of the prompt each row's remainder follows
     rest_mask: torch.Tensor  # [n, 1, L_max, P_max + L_max] bool: key visible to query
     order: torch.Tensor  # [S] where each flat position is in cat(prefix queries, rest queries)
     prefix_valid: torch.Tensor  # [U, P_max] bool
@@ -85,8 +86,9 @@ def build_packing(tokens: torch.Tensor, seq_len: torch.Tensor, prompt_len: torch
     """The flat layout of rows ``tokens`` [n, T] (right-padded, ``seq_len`` [n] real tokens, the
     first ``prompt_len`` [n] of which are the prompt; a prompt may not be longer than its row)."""
     dev = tokens.device
-    S_len, P_len = seq_len.tolist(), prompt_len.clamp(min=1).tolist()
-    groups = units(tokens, prompt_len.clamp(min=1), group)
+    prompt_len = prompt_len.clamp(min=1)
+    S_len, P_len = seq_len.tolist(), prompt_len.tolist()
+    groups = units(tokens, prompt_len, group)
     flat_tok, flat_pos, prefix_rows, rest_rows, rest_unit = [], [], [], [], [0] * len(S_len)
     cursor = 0
     for u, rows in enumerate(groups):
@@ -102,8 +104,7 @@ def build_packing(tokens: torch.Tensor, seq_len: torch.Tensor, prompt_len: torch
             flat_tok.append(tokens[i, P: S_len[i]])
             flat_pos.append(torch.arange(P, S_len[i], device=dev))
             cursor += L
-    rest_rows.sort()
-    S = cursor
+    S = cursor  # rest_rows is in row order: units are runs of consecutive rows
     U, n = len(groups), len(S_len)
     P_max = max(len(r) for r in prefix_rows)
     L_max = max(1, max(len(r) for _, r in rest_rows))
@@ -130,7 +131,7 @@ def build_packing(tokens: torch.Tensor, seq_len: torch.Tensor, prompt_len: torch
     order = torch.empty(S, dtype=torch.int64)
     order[queries] = torch.arange(S)
     return Packing(torch.cat(flat_tok)[None], torch.cat(flat_pos)[None], prefix.to(dev), rest.to(dev), unit.to(dev),
-                   mask[:, None].to(dev), order.to(dev), prefix_valid.to(dev), rest_valid.to(dev))
+                   p_len.to(dev), mask[:, None].to(dev), order.to(dev), prefix_valid.to(dev), rest_valid.to(dev))
 
 
 def source_index(pk: Packing, target: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ def source_index(pk: Packing, target: torch.Tensor) -> torch.Tensor:
     position t - 1 of its row, in its unit's prompt or in its own remainder."""
     rows, t = target.nonzero(as_tuple=True)
     src = t - 1
-    P = pk.prefix_valid.sum(1)[pk.rest_unit][rows]  # [M] the unit's prompt length
+    P = pk.rest_prompt[rows]  # [M] the unit's prompt length
     in_prompt = src < P
     from_prompt = pk.prefix[pk.rest_unit[rows], src.clamp(max=pk.prefix.shape[1] - 1)]
     from_rest = pk.rest[rows, (src - P).clamp(min=0)]

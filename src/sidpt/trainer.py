@@ -206,18 +206,17 @@ class Trainer:
         if batch.batch_size[0] == 0:
             raise ValueError("fused_step: an empty batch (a rank with nothing to train passes loss_free(rows[:1]))")
         rows = batch if keep is None else _rows(batch, keep)
-        stats, (old, corr) = self._policy_step(rows, batch[LOSS_MASK], agg, loss, loss_kwargs, kl_coef, entropy_coef,
-                                               norm_len, keep is not None, correct)
+        stats, (old, corr) = self._policy_step(rows, batch[LOSS_MASK], agg, loss, loss_kwargs, kl_coef,
+                                               entropy_coef, norm_len, keep is not None, correct)
         stats["train/optimizer_steps"] = 1
         mask = batch[LOSS_MASK]
-        zeros = torch.zeros(mask.shape, dtype=old.dtype, device=old.device)
-        full = Correction(torch.where(mask, 1.0, 0.0).to(old.dtype), mask.clone(), torch.zeros_like(mask), zeros.clone())
-        full_old = zeros
-        sel = slice(None) if keep is None else keep
-        if keep is None or bool(keep.any()):
+        full_old = torch.zeros(mask.shape, dtype=old.dtype, device=old.device)
+        full = Correction(mask.to(old.dtype), mask.clone(), torch.zeros_like(mask), torch.zeros_like(full_old))
+        if keep is None or bool(keep.any()):  # scatter the trained rows back (identity elsewhere)
+            sel = slice(None) if keep is None else keep
             full_old[sel] = old
             for f in ("weight", "mask", "truncated", "anchor"):
-                getattr(full, f)[sel] = getattr(corr, f).to(getattr(full, f).dtype)
+                getattr(full, f)[sel] = getattr(corr, f)
         out = batch.copy()
         out[OLD_LOGPROBS] = full_old
         return stats, out, full
@@ -273,7 +272,6 @@ class Trainer:
         stats.update(zip(keys, all_reduce_sum([sums[k] for k in keys], self.device, self.group)))
         stats["train/tokens"] = norm.num_tokens
         stats["train/micro_batches"] = len(mbs)
-
         n_tok = stats.pop("train/entropy_tokens")
         stats["train/entropy"] = stats.pop("train/entropy_sum") / max(n_tok, 1.0)  # token mean, trained tokens
         return stats if correct is None else (stats, fused)

@@ -280,8 +280,9 @@ class Transformer(nn.Module):
         self.weight_left = False
 
     def set_weight_left(self, on: bool) -> "Transformer":
-        """Take every matmul (LM head included) as ``weight_left_linear``: the same products, other
-        float rounding. For the engine's copy on a CPU (the trainer keeps ``F.linear``)."""
+        """Take the matmuls (LM head included) as ``weight_left_linear`` where ``use_weight_left``
+        says it is faster: the same products, other float rounding. For the engine's copy on a CPU
+        (the trainer keeps ``F.linear``)."""
         self.weight_left = on
         for m in self.modules():
             if isinstance(m, Linear):

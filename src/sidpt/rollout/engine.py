@@ -58,8 +58,9 @@ class EngineConfig:
     seed: int = 0  # draws the seed of requests that bring none
     cuda_graphs: bool = True  # on CUDA: capture decode steps as CUDA graphs (ignored on CPU)
     static_decode: bool = False  # pad decode batches to fixed (batch, context) buckets; on with graphs
-    # matmul operand order of the engine's model: "auto" = weight-left on CPU (1.4-1.6x faster decode
-    # matmuls with MKL, see model.weight_left_linear), F.linear elsewhere; "linear"; "weight-left"
+    # matmul operand order of the model given (it is set on that model: give the engine its own copy,
+    # as the controller does): "auto" = weight-left on CPU where model.use_weight_left measured it
+    # faster (few-row decode products of big weights), F.linear elsewhere; "linear"; "weight-left"
     matmul: str = "auto"
 
     def __post_init__(self):
