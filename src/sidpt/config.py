@@ -79,6 +79,11 @@ class ModelConfig:
     """Vocabulary cap of a random-init model's tokenizer, trained on the task (0: every word)."""
     tokenizer: Literal["word", "bpe"] = "word"
     """A random-init model's task tokenizer: word-level (names copy as whole tokens) or byte BPE."""
+    numerics: Literal["default", "exact"] = "default"
+    """"exact": the trainer and the engine share one batch-invariant forward
+    (``sidpt.model.numerics``), so every token's trainer log-prob is bitwise the engine's
+    (mismatch 0 by construction; float32/float64, native precision, temperature 1 without
+    top-k/top-p). "default": torch's fastest ops (trainer and engine differ by float rounding)."""
 
 
 @dataclass
@@ -259,6 +264,16 @@ class Config:
         if self.rollout.precision != "native" and self.model.dtype != "float32":
             raise ConfigError(f"rollout.precision={self.rollout.precision!r} emulates on a float32 model; "
                               f"model.dtype={self.model.dtype!r}")
+        if self.model.numerics == "exact":
+            bad = [(k, v, want) for k, v, want in (
+                ("rollout.precision", self.rollout.precision, "native"), ("rollout.temperature", self.rollout.temperature, 1.0),
+                ("rollout.top_p", self.rollout.top_p, 1.0), ("rollout.top_k", self.rollout.top_k, 0)) if v != want]
+            if self.model.dtype not in ("float32", "float64"):
+                bad.append(("model.dtype", self.model.dtype, "float32 or float64"))
+            if bad:
+                k, v, want = bad[0]
+                raise ConfigError(f"{k}={v!r}: model.numerics='exact' needs {want!r} (the trainer scores the engine's "
+                                  f"own distribution with the same ops)")
         if self.train.min_lr_frac > 1:
             raise ConfigError(f"train.min_lr_frac={self.train.min_lr_frac}: must be <= 1 (a fraction of the peak lr)")
         if self.algo.eps_low >= 1:

@@ -47,6 +47,7 @@ from sidpt.evaluate import describe, evaluate, reduce_metrics, summary, write_re
 from sidpt.metrics import MetricsLog, Timers
 from sidpt.model import Transformer
 from sidpt.model.model import compute_dtype, count_params
+from sidpt.model.numerics import check_invariance
 from sidpt.reference import Reference
 from sidpt.rl import REWEIGHT_ONLY, Correction, apply_correction, compute_advantages, dynamic_sampling, mismatch_metrics
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
@@ -380,6 +381,9 @@ def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trai
     """The trainer (FSDP2 over the trainer mesh) on trainer ranks, the engine (over its own copy of
     the model, filled by ``publish``) on rollout ranks, the frozen reference on its own ranks."""
     trainer = engine = reference = None
+    if cfg.model.numerics == "exact":  # before the Trainer copies a reference or FSDP wraps it
+        policy.set_numerics("exact")
+        check_invariance(policy)
     if plan.own_reference and plan.reference_enabled:
         reference = Reference(policy, cfg.train.micro_batch_tokens)
     if plan.trainer_enabled:
@@ -391,6 +395,7 @@ def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trai
         with torch.device("meta"):
             model = Transformer(policy.args)
         model = model.to_empty(device=next(policy.parameters()).device).to(next(policy.parameters()).dtype)
+        model.set_numerics(cfg.model.numerics)
         c = cfg.rollout
         engine = Engine(model, EngineConfig(block_size=c.block_size, kv_cache_mb=c.kv_cache_mb,
                                             max_model_len=c.max_model_len, precision=c.precision, matmul=c.matmul,

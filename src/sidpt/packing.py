@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sidpt.model import numerics
 from sidpt.model.model import token_logprobs
 from sidpt.rl import entropy_from_logits
 
@@ -49,11 +50,27 @@ class Packing:
     order: torch.Tensor  # [S] where each flat position is in cat(prefix queries, rest queries)
     prefix_valid: torch.Tensor  # [U, P_max] bool
     rest_valid: torch.Tensor  # [n, L_max] bool
+    exact: bool = False  # numerics = "exact": keys in absolute position order, numerics.attention
+    rest_keys: torch.Tensor | None = None  # exact: [n, P_max + L_max] flat index of key j of each row
+    rest_visible: torch.Tensor | None = None  # exact: [n, 1, L_max, P_max + L_max] bool
+    _masks: tuple | None = None  # exact: the two numerics.BlockMask, built at the first layer
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The model's ``attn`` hook: q [1, H, S, hd], k and v [1, KV, S, hd] -> [1, H, S, hd]."""
         qf, kf, vf = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [S, heads, hd]
         gqa = q.shape[1] != k.shape[1]
+        if self.exact:  # each row's keys at their absolute positions: the engine's key blocks
+            G = q.shape[1] // k.shape[1]
+            pq, pk, pv = (x[self.prefix].transpose(1, 2) for x in (qf, kf, vf))  # [U, heads, P_max, hd]
+            if self._masks is None:
+                self._masks = (numerics.block_mask(numerics.causal_mask(pq.shape[2], q.device), G),
+                               numerics.block_mask(self.rest_visible, G))
+            out_p = numerics.attention(pq, pk, pv, self._masks[0])
+            rq = qf[self.rest].transpose(1, 2)  # [n, H, L_max, hd]
+            rk, rv = (x[self.rest_keys].transpose(1, 2) for x in (kf, vf))  # [n, KV, P_max + L_max, hd]
+            out_r = numerics.attention(rq, rk, rv, self._masks[1])
+            both = torch.cat((out_p.transpose(1, 2)[self.prefix_valid], out_r.transpose(1, 2)[self.rest_valid]))
+            return both[self.order].transpose(0, 1)[None]
         # prompts: causal over themselves (right padding: padded queries come last and are dropped)
         pq, pk, pv = (x[self.prefix].transpose(1, 2) for x in (qf, kf, vf))  # [U, heads, P_max, hd]
         out_p = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=gqa)
@@ -82,9 +99,10 @@ def units(tokens: torch.Tensor, prompt_len: torch.Tensor, group: torch.Tensor) -
 
 
 def build_packing(tokens: torch.Tensor, seq_len: torch.Tensor, prompt_len: torch.Tensor,
-                  group: torch.Tensor) -> Packing:
+                  group: torch.Tensor, exact: bool = False) -> Packing:
     """The flat layout of rows ``tokens`` [n, T] (right-padded, ``seq_len`` [n] real tokens, the
-    first ``prompt_len`` [n] of which are the prompt; a prompt may not be longer than its row)."""
+    first ``prompt_len`` [n] of which are the prompt; a prompt may not be longer than its row).
+    ``exact``: also each row's keys in absolute order (``numerics.attention`` needs key j at j)."""
     dev = tokens.device
     prompt_len = prompt_len.clamp(min=1)
     S_len, P_len = seq_len.tolist(), prompt_len.tolist()
@@ -130,8 +148,19 @@ def build_packing(tokens: torch.Tensor, seq_len: torch.Tensor, prompt_len: torch
     queries = torch.cat((prefix[prefix_valid], rest[rest_valid]))  # [S] flat positions in query order
     order = torch.empty(S, dtype=torch.int64)
     order[queries] = torch.arange(S)
+    keys = visible = None
+    if exact:  # key j of row i: its prompt's token j (j < p), then its remainder's token j - p
+        jj = torch.arange(P_max + L_max)
+        from_p = prefix[unit][:, jj.clamp(max=P_max - 1)]  # [n, P_max + L_max]
+        from_r = rest.gather(1, (jj[None, :] - p_len[:, None]).clamp(0, L_max - 1))
+        keys = torch.where(jj[None, :] < p_len[:, None], from_p, from_r)
+        r_len = rest_valid.sum(1)  # [n]
+        q_abs = p_len[:, None] + torch.arange(L_max)[None, :]  # [n, L_max]
+        visible = (jj[None, None, :] <= q_abs[:, :, None]) & (jj[None, None, :] < (p_len + r_len)[:, None, None])
+        keys, visible = keys.to(dev), visible[:, None].to(dev)
     return Packing(torch.cat(flat_tok)[None], torch.cat(flat_pos)[None], prefix.to(dev), rest.to(dev), unit.to(dev),
-                   p_len.to(dev), mask[:, None].to(dev), order.to(dev), prefix_valid.to(dev), rest_valid.to(dev))
+                   p_len.to(dev), mask[:, None].to(dev), order.to(dev), prefix_valid.to(dev), rest_valid.to(dev),
+                   exact, keys, visible)
 
 
 def source_index(pk: Packing, target: torch.Tensor) -> torch.Tensor:
@@ -153,9 +182,10 @@ def packed_logprobs(model, tokens: torch.Tensor, seq_len: torch.Tensor, prompt_l
     their entropies when asked, and the number of flat tokens the forward ran on."""
     target = mask.clone()
     target[:, 0] = False
-    pk = build_packing(tokens, seq_len, prompt_len, group)
+    exact = getattr(model, "numerics", "default") == "exact"
+    pk = build_packing(tokens, seq_len, prompt_len, group, exact)
     logits = model(pk.tokens, pk.positions, attn=pk, select=source_index(pk, target))  # [M, V]
-    picked = token_logprobs(logits, tokens[target])  # [M]
+    picked = token_logprobs(logits, tokens[target], exact)  # [M]
     lp = torch.zeros(tokens.shape, dtype=picked.dtype, device=tokens.device).masked_scatter(target, picked)
     ent = None
     if entropy:

@@ -43,17 +43,19 @@ class OptimConfig:
 def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False, mask: torch.Tensor | None = None):
     """lp [n, T] with lp[:, t] = log p(tokens[:, t] | tokens[:, :t]) (0 at t = 0), float32; and the
     entropy [n, T] of the same next-token distributions when asked. With ``mask`` [n, T] only the
-    masked positions are computed (the others are 0) and the LM head runs on those rows only."""
+    masked positions are computed (the others are 0) and the LM head runs on those rows only.
+    A model in exact numerics (``set_numerics``) takes the engine's batch-invariant log-softmax."""
+    exact = getattr(model, "numerics", "default") == "exact"
     if mask is None:
         logits = model(tokens)[:, :-1]  # [n, T-1, V]
-        lp = F.pad(token_logprobs(logits, tokens[:, 1:]), (1, 0))  # [n, T]
+        lp = F.pad(token_logprobs(logits, tokens[:, 1:], exact), (1, 0))  # [n, T]
         ent = F.pad(entropy_from_logits(logits), (1, 0)) if entropy else None
         return lp, ent
     target = mask.clone()
     target[:, 0] = False
     source = F.pad(target[:, 1:], (0, 1))  # the hidden state at t-1 predicts token t
     logits = model(tokens, select=source)  # [M, V]
-    picked = token_logprobs(logits, tokens[target])  # [M]
+    picked = token_logprobs(logits, tokens[target], exact)  # [M]
     lp = torch.zeros(tokens.shape, dtype=picked.dtype, device=tokens.device).masked_scatter(target, picked)
     ent = None
     if entropy:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidpt.model import numerics
+
 
 @dataclass
 class ModelArgs:
@@ -177,20 +179,27 @@ class Linear(nn.Linear):
     (``Transformer.set_weight_left``; the engine's copy on CPU), where ``use_weight_left`` says so."""
 
     weight_left = False
+    exact = False  # numerics = "exact": sidpt.model.numerics.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return numerics.linear(x, self.weight, self.bias)
         if self.weight_left and use_weight_left(x, self.weight):
             return weight_left_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
+    exact = False  # numerics = "exact": sidpt.model.numerics.rms_norm
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return numerics.rms_norm(x, self.weight, self.eps)
         if x.dtype in (torch.float32, torch.float64):  # one op; bitwise the lines below (values and grads)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # In float32 (float64 stays), then back to the input dtype before the weight (as HF does).
@@ -243,6 +252,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj.exact:
+            return numerics.swiglu(x, self.gate_up_proj.weight, self.down_proj.weight)
         if self.gate_up_proj.weight_left and use_weight_left(x, self.gate_up_proj.weight):
             # feature-major between the two matmuls: no copy of the widest activation
             h = torch.mm(self.gate_up_proj.weight, x.reshape(-1, x.shape[-1]).t())  # [2I, M]
@@ -277,7 +288,22 @@ class Transformer(nn.Module):
         self.lm_head = None if args.tie_embeddings else Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the RoPE frequencies.
         self._inv_freq = {}
+        self._rope_table = {}
         self.weight_left = False
+        self.numerics = "default"
+
+    def set_numerics(self, mode: str) -> "Transformer":
+        """``"exact"``: every matmul, norm, SiLU, RoPE table, attention (the default causal one
+        here; the engine's and the packed trainer's read ``numerics`` too) and log-softmax through
+        ``sidpt.model.numerics``, whose results do not depend on the batch; ``"default"``: torch's
+        fastest ops."""
+        if mode not in NUMERICS:
+            raise ValueError(f"numerics={mode!r}: expected one of {NUMERICS}")
+        self.numerics = mode
+        for m in self.modules():
+            if isinstance(m, (Linear, RMSNorm)):
+                m.exact = mode == "exact"
+        return self
 
     def set_weight_left(self, on: bool) -> "Transformer":
         """Take the matmuls (LM head included) as ``weight_left_linear`` where ``use_weight_left``
@@ -294,6 +320,17 @@ class Transformer(nn.Module):
         if key not in self._inv_freq:
             self._inv_freq[key] = rope_inv_freq(self.args, key[1]).to(device)
         return self._inv_freq[key]
+
+    def rope_table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [max_seq_len, head_dim] for positions 0..max_seq_len-1 (exact mode gathers rows
+        of it: the same values for a position in every batch; computing cos/sin per call rounds by
+        the call's size)."""
+        key = (str(device), dtype)
+        if key not in self._rope_table:
+            pos = torch.arange(self.args.max_seq_len, device=device)[None]
+            cos, sin = rope_cos_sin(self.inv_freq(device, dtype), pos, dtype)
+            self._rope_table[key] = (cos[0], sin[0])
+        return self._rope_table[key]
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -312,13 +349,21 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed_tokens(tokens)  # [B, T, D]
-        cos, sin = rope_cos_sin(self.inv_freq(x.device, x.dtype), positions, x.dtype)  # [B, T, hd] each
+        if self.numerics == "exact":
+            table_cos, table_sin = self.rope_table(x.device, x.dtype)
+            cos, sin = table_cos[positions], table_sin[positions]  # [B, T, hd] each
+            if attn is causal_attention:
+                attn = numerics.dense_causal_attention
+        else:
+            cos, sin = rope_cos_sin(self.inv_freq(x.device, x.dtype), positions, x.dtype)  # [B, T, hd] each
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, attn)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> logits [..., V] in the model dtype."""
+        if self.numerics == "exact":
+            return numerics.linear(hidden, self.lm_head_weight)
         if self.weight_left and use_weight_left(hidden, self.lm_head_weight):
             return weight_left_linear(hidden, self.lm_head_weight)
         return F.linear(hidden, self.lm_head_weight)
@@ -362,9 +407,15 @@ def build_model(
     return model.to(device=device, dtype=dtype)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[targets] in float32 (float64 stays): logits [..., V], targets [...] -> [...]."""
+NUMERICS = ("default", "exact")
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """log softmax(logits)[targets] in float32 (float64 stays): logits [..., V], targets [...] -> [...].
+    ``exact``: ``numerics.token_logprobs`` (the engine's formula in exact mode, batch-invariant)."""
     logits = logits.to(compute_dtype(logits.dtype))
+    if exact:
+        return numerics.token_logprobs(logits, targets)
     return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 

@@ -38,6 +38,7 @@ from typing import Hashable, Iterable
 
 import torch
 
+from sidpt.model import numerics
 from sidpt.model.model import Transformer
 from sidpt.rollout.kv_cache import PagedAttention, PagedKVCache, build_attention
 from sidpt.rollout.precision import FORMATS, install_activation_rounding, round_weights
@@ -117,6 +118,9 @@ class Engine:
         a = model.args
         model.set_weight_left(config.matmul == "weight-left" or (config.matmul == "auto" and self.device.type == "cpu"))
         self.fmt = None if config.precision == "native" else config.precision.removeprefix("emulated-")
+        self.exact = model.numerics == "exact"  # batch-invariant forward (sidpt.model.numerics)
+        if self.exact and self.fmt is not None:
+            raise ValueError(f"precision={config.precision!r}: a model in exact numerics runs natively")
         if self.fmt is not None:
             if p.dtype != torch.float32:
                 raise ValueError(f"precision={config.precision!r} emulates on a float32 model, got {p.dtype}")
@@ -149,7 +153,8 @@ class Engine:
         self._triggers: dict[str, frozenset[int]] = {}  # stop string -> ids that can complete it
         self.stats = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "row_swaps": 0,
                       "shared_prefill_tokens": 0}  # prefill tokens copied from an identical chunk
-        self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        # exact numerics builds its attention blocks from the step's lengths on the host: no capture
+        self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not self.exact
         self.static_decode = config.static_decode or self.use_graphs
         self._static: dict[tuple[int, int], _StaticDecode] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -173,6 +178,11 @@ class Engine:
                              f"{self.cache.num_blocks}")
         if len(req.params.stop_token_ids) > self.stop_ids.shape[1]:
             raise ValueError(f"request {req.id!r}: at most {self.stop_ids.shape[1]} stop_token_ids")
+        sp = req.params
+        if self.exact and (sp.temperature not in (0.0, 1.0) or sp.top_k or sp.top_p < 1):
+            raise ValueError(f"request {req.id!r}: exact numerics samples at temperature 1 (or 0) without top-k/top-p "
+                             f"(the trainer scores the untempered, untruncated distribution), got temperature="
+                             f"{sp.temperature}, top_k={sp.top_k}, top_p={sp.top_p}")
         if req.params.stop_strings and self.tokenizer is None:
             raise ValueError(f"request {req.id!r}: stop_strings need an engine with a tokenizer")
         seed = req.params.seed
@@ -449,7 +459,8 @@ class Engine:
             at = {i: k for k, i in enumerate(lead)}
             li = torch.tensor(lead, device=dev)
             lr, n_new = rows[li], torch.tensor([ns[i] for i in lead], device=dev)
-            attn, positions = build_attention(self.cache, self.block_table[lr], start[li], n_new, max(ns[i] for i in lead))
+            attn, positions = build_attention(self.cache, self.block_table[lr], start[li], n_new,
+                                              max(ns[i] for i in lead), self.exact)
             tokens = self.tok_buf[lr[:, None], positions]  # [B, Tq]
             hidden = self.model.forward_hidden(tokens, positions, attn)  # [B, Tq, D]
             if len(lead) < len(seqs):
@@ -463,7 +474,8 @@ class Engine:
         sseqs = [seqs[i] for i in idx]
         counter = torch.tensor([s.n_gen for s in sseqs], device=dev)
         u = uniform(self.seeds[rows], counter)
-        tok, lp = sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], u)
+        logq = numerics.log_softmax(logits) if self.exact else None  # [b, V]
+        tok, lp = sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], u, logq)
         pos = torch.tensor([s.seq_len for s in sseqs], device=dev)
         self.tok_buf[rows, pos] = tok
         self.lp_buf[rows, pos] = lp.float()  # float64 models: stored as float32, like every rollout_logprobs
@@ -638,7 +650,7 @@ class _StaticDecode:
 
     def _forward(self) -> None:
         e = self.engine
-        attn = PagedAttention(e.cache, self.write, self.read, self.mask, fresh=False)
+        attn = PagedAttention(e.cache, self.write, self.read, self.mask, fresh=False, exact=e.exact)
         hidden = e.model.forward_hidden(self.tokens, self.positions, attn)  # [B, 1, D]
         self.logits.copy_(e.model.logits(hidden[:, -1]))
 

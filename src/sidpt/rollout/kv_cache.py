@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sidpt.model import numerics
+
 
 class OutOfBlocks(RuntimeError):
     pass
@@ -60,6 +62,7 @@ class PagedAttention:
     read_slots  [B, L]    cache row of each key position 0..L-1 of each sequence
     mask        [B, 1, Tq, L] bool, True where query i may attend key j; None when ``fresh``
     fresh       every sequence starts at position 0: attend causally over the new keys directly
+    exact       numerics = "exact": ``numerics.attention`` (fixed key blocks) instead of SDPA
     """
 
     cache: PagedKVCache
@@ -67,6 +70,14 @@ class PagedAttention:
     read_slots: torch.Tensor | None
     mask: torch.Tensor | None
     fresh: bool
+    exact: bool = False
+    _block_mask: object = None  # exact: numerics.BlockMask, built at the first layer
+    _kv_read: torch.Tensor | None = None  # exact: cache row of each (sequence, KV head, key), first layer
+
+    def _exact(self, q, k, v, visible):
+        if self._block_mask is None:
+            self._block_mask = numerics.block_mask(visible, q.shape[1] // k.shape[1])
+        return numerics.attention(q, k, v, self._block_mask)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, KV, Tq, hd = k.shape
@@ -76,10 +87,19 @@ class PagedAttention:
         vc.index_copy_(0, flat, v.transpose(1, 2).reshape(B * Tq, KV, hd))
         gqa = q.shape[1] != KV
         if self.fresh:
+            if self.exact:
+                return self._exact(q, k, v, numerics.causal_mask(Tq, q.device))
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         # A row gather of the flat slot list through F.embedding: on a 2-thread CPU it ran 1.5-3x
         # faster than index_select on the 4-D view and than advanced indexing (tools/bench_rollout.py).
         B, L = self.read_slots.shape
+        if self.exact:  # gathered straight into [B, KV, L, hd], the layout numerics.attention computes in
+            if self._kv_read is None:
+                kv = torch.arange(KV, device=q.device)
+                self._kv_read = (self.read_slots[:, None, :] * KV + kv[None, :, None]).reshape(-1)  # [B * KV * L]
+            keys = F.embedding(self._kv_read, kc.view(-1, hd)).view(B, KV, L, hd)
+            values = F.embedding(self._kv_read, vc.view(-1, hd)).view(B, KV, L, hd)
+            return self._exact(q, keys, values, self.mask)
         flat_read = self.read_slots.reshape(-1)
         keys = F.embedding(flat_read, kc.view(kc.shape[0], KV * hd)).view(B, L, KV, hd).transpose(1, 2)
         values = F.embedding(flat_read, vc.view(vc.shape[0], KV * hd)).view(B, L, KV, hd).transpose(1, 2)
@@ -87,7 +107,7 @@ class PagedAttention:
 
 
 def build_attention(cache: PagedKVCache, block_table: torch.Tensor, start: torch.Tensor, n_new: torch.Tensor,
-                    Tq: int) -> tuple[PagedAttention, torch.Tensor]:
+                    Tq: int, exact: bool = False) -> tuple[PagedAttention, torch.Tensor]:
     """Metadata for a forward in which row b holds tokens [start[b], start[b] + n_new[b]).
 
     block_table [B, nb] (padded with the scratch block), start and n_new [B] int64 on the cache's
@@ -101,12 +121,16 @@ def build_attention(cache: PagedKVCache, block_table: torch.Tensor, start: torch
     write = block_table.gather(1, block_of) * bs + positions % bs
     write = torch.where(real, write, cache.scratch_block * bs)  # [B, Tq]
     if bool((start == 0).all()):
-        return PagedAttention(cache, write, None, None, fresh=True), positions
+        return PagedAttention(cache, write, None, None, fresh=True, exact=exact), positions
     ctx = start + n_new  # [B] keys visible after this step
     L = -(-int(ctx.max()) // bs) * bs
     nb = L // bs
     read = (block_table[:, :nb, None] * bs + torch.arange(bs, device=device)).reshape(-1, L)  # [B, L]
+    if exact and L % numerics.KEY_BLOCK:  # whole key blocks, the rest read from the scratch block
+        extra = numerics.KEY_BLOCK - L % numerics.KEY_BLOCK
+        read = F.pad(read, (0, extra), value=cache.scratch_block * bs)
+        L += extra
     j = torch.arange(L, device=device)
     q_pos = torch.where(real, positions, torch.zeros_like(positions))  # padded queries see key 0 only
     mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < ctx[:, None, None])  # [B, Tq, L]
-    return PagedAttention(cache, write, read, mask[:, None], fresh=False), positions
+    return PagedAttention(cache, write, read, mask[:, None], fresh=False, exact=exact), positions

@@ -98,12 +98,21 @@ def truncated_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           u: torch.Tensor, logq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row. logits [B, V]; per-row params [B]; uniforms u [B] in (0, 1).
 
     Returns tokens [B] int64 and their log-probabilities [B] float32 (see the module docstring).
-    Sampling is by inverse CDF over the vocabulary in index order, one uniform per token."""
+    Sampling is by inverse CDF over the vocabulary in index order, one uniform per token.
+    ``logq`` [B, V]: the sampling distribution given whole (exact numerics: the batch-invariant
+    log-softmax at T = 1 without truncation; greedy rows report their argmax under it)."""
     greedy = temperature == 0
+    if logq is not None:
+        tok = logits.argmax(-1)
+        if not bool(greedy.all()):
+            cdf = logq.exp().double().cumsum(-1)
+            drawn = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None]).squeeze(-1)
+            tok = torch.where(greedy, tok, drawn.clamp_(max=logits.shape[-1] - 1))
+        return tok, logq.gather(1, tok[:, None]).squeeze(1)
     if bool(greedy.all()):  # fast path: argmax and its log-probability under T = 1
         tok = logits.argmax(-1)
         return tok, token_logprob(logits, tok)

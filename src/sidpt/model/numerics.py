@@ -1,0 +1,300 @@
+"""Batch-invariant numerics: the ops of ``numerics = "exact"``, shared by the trainer and the engine.
+
+In exact mode every float op of the forward computes a token's result in a way that does not
+depend on how many other tokens share the call, where the token sits in it, or how many threads
+run it; so a token's log-probability is bitwise the same whether the engine decoded it one row at
+a time, prefilled it in a chunk, recomputed it after a preemption, or the trainer scored it in
+any micro-batch on any number of ranks. (Thinking Machines, "Defeating Nondeterminism in LLM
+Inference", 2025, does this with batch-invariant GPU kernels; this module is the pure-torch CPU
+version, and the Triton kernels of issue 21 slot in behind the same functions.)
+
+Where a CPU torch op is *not* batch-invariant, and what this module does instead (measured on the
+2-core AVX2 AMD EPYC with MKL 2024.2, ../shared/ENVIRONMENT.md; ``check_invariance`` re-checks it
+on the machine at hand):
+
+- **matmuls**: MKL takes other kernels for few rows: ``F.linear`` gave another result for the
+  same row at M = 1..3 rows than at M >= 4 (identical from 4 to 16384 rows, at any row position,
+  with 1 or 2 threads); ``W @ x^T`` (the weight-left product the engine's decode uses) differed
+  up to M = 11. ``linear`` pads every product to at least ``MIN_ROWS`` rows. The operand order is
+  a function of the weight alone (weight-left for weights of ``WEIGHT_LEFT_MIN`` elements and
+  more, on CPU), not of the row count, so trainer and engine take the same one.
+- **elementwise transcendentals** (exp, log, SiLU): torch's CPU loops compute whole SIMD vectors
+  and a scalar tail, and the vector (SLEEF) and scalar (libm) functions can round differently;
+  the tail is at the end of each thread's chunk, so an element's rounding depended on the
+  tensor's size and the thread count. ``_aligned`` pads the flat tensor so that every element
+  lies in a full vector of every thread's chunk (see ``_padded_numel``). Correctly rounded ops
+  (+, -, *, /, sqrt) need nothing.
+- **attention**: SDPA picks its own key split by sequence length. ``attention`` splits the keys
+  into fixed blocks of ``KEY_BLOCK`` from absolute position 0 and folds them with one online-
+  softmax order (FlashAttention's recurrence, Dao et al. 2022); a block no query of a row can
+  see changes nothing bitwise (its scale factor is exp(0) = 1 and it adds exact zeros), so the
+  number of blocks a call carries does not matter.
+- **norms and log-softmax**: torch's fused RMSNorm row kernel, and log-softmax written out
+  (max, aligned exp, row sum, aligned log), rows padded like the matmuls.
+
+Inputs: float32 or float64. Backward passes are ordinary autograd (not batch-invariant; nothing
+needs them to be).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MIN_ROWS = 16  # rows every matmul and row reduction is padded to: weight-left was M-invariant from 12 (above)
+ATTN_ROWS = 4  # rows of each attention matmul (bmm was M-invariant from 4 rows, for 16- and 64-key blocks)
+KEY_BLOCK = 64  # keys per attention block (a multiple of the engine's default KV block of 16)
+VEC = 64  # elements: a multiple of two AVX-512 vectors of floats (torch's loops unroll by 2)
+GRAIN = 32768  # torch's internal GRAIN_SIZE: elementwise loops below it run on one thread
+WEIGHT_LEFT_MIN = 1 << 18  # as model.WEIGHT_LEFT_MIN: the engine's measured rule, by weight size only
+
+
+class NumericsError(RuntimeError):
+    pass
+
+
+def _padded_numel(n: int) -> int:
+    """A length >= n at which torch's elementwise CPU loop puts no element in a scalar tail, for
+    any thread count up to ``torch.get_num_threads()``: at::parallel_for splits n elements into
+    k = min(threads, ceil(n / GRAIN)) chunks of ceil(n / k); each chunk runs full vectors and
+    then a scalar tail, so every chunk length must be a multiple of VEC."""
+    if n <= GRAIN:
+        return -(-n // VEC) * VEC
+    step = VEC * math.lcm(*range(1, torch.get_num_threads() + 1))
+    return -(-n // step) * step
+
+
+def _aligned(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an elementwise ``fn``, computed on a flat copy padded by ``_padded_numel``
+    (pad value 0: finite for exp, log and SiLU alike)."""
+    n = x.numel()
+    pad = _padded_numel(n) - n
+    if pad == 0 and x.is_contiguous():  # one flat loop already: no copy
+        return fn(x)
+    return fn(F.pad(x.reshape(-1), (0, pad)))[:n].view(x.shape)
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    return _aligned(torch.exp, x)
+
+
+def log(x: torch.Tensor) -> torch.Tensor:
+    return _aligned(lambda t: torch.log(t.clamp(min=torch.finfo(t.dtype).tiny)), x)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return _aligned(F.silu, x)
+
+
+def _pad_rows(x2: torch.Tensor, rows: int = MIN_ROWS) -> torch.Tensor:
+    return F.pad(x2, (0, 0, 0, rows - x2.shape[0])) if x2.shape[0] < rows else x2
+
+
+class _WeightLeft(torch.autograd.Function):
+    """y = (W @ x^T)^T with the usual backward (dx = dy W, dW = dy^T x): the forward is the
+    engine's decode product, the backward the trainer's (weight-left backward was slower)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight):
+        ctx.save_for_backward(x2, weight)
+        return torch.mm(weight, x2.t()).t().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        return grad @ weight, grad.t() @ x2
+
+
+def weight_left(weight: torch.Tensor) -> bool:
+    """The operand order for ``weight``: by its size alone, so every caller agrees."""
+    return weight.device.type == "cpu" and weight.numel() >= WEIGHT_LEFT_MIN
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a row's result independent of the other rows: x [..., K] -> [..., N]."""
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    M = x2.shape[0]
+    xp = _pad_rows(x2).contiguous()
+    if not weight_left(weight):
+        y = F.linear(xp, weight)
+    elif torch.is_grad_enabled() and (xp.requires_grad or weight.requires_grad):
+        y = _WeightLeft.apply(xp, weight)
+    else:  # the same product without the autograd.Function's per-call cost (the engine's decode)
+        y = torch.mm(weight, xp.t()).t().contiguous()
+    y = y[:M]
+    if bias is not None:
+        y = y + bias  # after the product (addmm's fused bias may round otherwise)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU MLP down(silu(gate) * up), x [..., D] -> [..., D]. With both weights weight-left
+    (the engine's decode layout) it stays feature-major between the two products, [2I, M] then
+    [D, M], as the default engine does (no copy of the widest activation); W @ A with a row-major
+    A [K, M] was M-invariant from 12 columns, as W @ x^T was."""
+    if not (weight_left(w_gate_up) and weight_left(w_down)):
+        gate, up = linear(x, w_gate_up).chunk(2, dim=-1)
+        return linear(silu(gate) * up, w_down)
+    x2 = x.reshape(-1, x.shape[-1])
+    M = x2.shape[0]
+    xp = _pad_rows(x2).contiguous()  # [Mp, D]
+    h = torch.mm(w_gate_up, xp.t())  # [2I, Mp]
+    gate, up = h.chunk(2, dim=0)  # contiguous halves
+    y = torch.mm(w_down, silu(gate) * up)  # [D, Mp]
+    return y.t()[:M].contiguous().view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm, x [..., D]: torch's fused row kernel (one row's result was the same at 1 to 3000
+    rows and with or without autograd), rows padded so that no row is split over threads."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return F.rms_norm(_pad_rows(x2), weight.shape, weight, eps)[: x2.shape[0]].view(x.shape)
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim: x [..., V] -> [...]."""
+    x2 = _pad_rows(x.reshape(-1, x.shape[-1]))
+    m = x2.amax(-1, keepdim=True)  # exact
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = exp(x2 - m).sum(-1, keepdim=True)
+    out = (m + log(s))[: x.numel() // max(x.shape[-1], 1), 0]
+    return out.view(x.shape[:-1])
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """x - logsumexp(x): the engine's sampling distribution in exact mode. x [..., V]."""
+    return x - logsumexp(x)[..., None]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target]: logits [..., V], targets [...] -> [...], one formula for the
+    engine's log mu and the trainer's log pi."""
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logsumexp(logits)
+
+
+def causal_mask(T: int, device) -> torch.Tensor:
+    """[1, 1, T, T] bool: query i sees keys 0..i."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+
+
+@dataclass
+class BlockMask:
+    """A visibility mask laid out for ``attention``, built once per forward (every layer reuses it).
+
+    bias [B, 1, Rp, nblk * KEY_BLOCK]: 0 where visible, -inf where not; rows (g, t) for the G
+    query heads of a KV head and the Tq queries, padded to Rp >= ATTN_ROWS rows; every row sees
+    key 0."""
+
+    bias: torch.Tensor
+    G: int
+    Tq: int
+    nblk: int
+
+
+def block_mask(visible: torch.Tensor, G: int) -> BlockMask:
+    """``visible`` [B or 1, 1, Tq, L] bool (key j at absolute position j) -> BlockMask."""
+    B, _, Tq, L = visible.shape
+    R = G * Tq
+    Rp = max(R, ATTN_ROWS)
+    vis = visible.clone()
+    vis[..., 0] = True  # padded queries see key 0 (a real query does anyway): no row all -inf
+    vis = vis[:, :, None].expand(B, 1, G, Tq, L).reshape(B, 1, R, L)
+    if Rp > R:
+        vis = F.pad(vis, (0, 0, 0, Rp - R), value=False)
+        vis[:, :, R:, 0] = True
+    last = int(vis.reshape(-1, L).any(0).nonzero().max()) + 1  # the last key any query sees
+    nblk = -(-last // KEY_BLOCK)
+    Lp = nblk * KEY_BLOCK
+    vis = vis[..., :Lp] if Lp <= L else F.pad(vis, (0, Lp - L), value=False)
+    bias = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device).masked_fill_(~vis, float("-inf"))
+    return BlockMask(bias, G, Tq, nblk)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask | torch.Tensor) -> torch.Tensor:
+    """Softmax attention with a fixed key-block split: q [B, H, Tq, hd], k and v [B, KV, L, hd]
+    with key j at absolute position j of its sequence; ``mask`` a BlockMask or a visibility
+    [B or 1, 1, Tq, L] bool (every query must see key 0: true of every causal layout).
+
+    The keys are folded in blocks of KEY_BLOCK, in order, by the online-softmax recurrence
+    m' = max(m, max s), l' = l e^(m - m') + sum e^(s - m'), o' = o e^(m - m') + e^(s - m') V;
+    blocks past the last visible key of every query of the call are skipped (exactly what
+    folding them would give). GQA: the G = H / KV query heads of a KV head share its matmuls."""
+    B, H, Tq, hd = q.shape
+    KV, L = k.shape[1], k.shape[2]
+    G = H // KV
+    bm = mask if isinstance(mask, BlockMask) else block_mask(mask, G)
+    R = G * Tq
+    Rp, Lp = bm.bias.shape[2], bm.nblk * KEY_BLOCK
+    bias = bm.bias if bm.bias.dtype == q.dtype else bm.bias.to(q.dtype)
+    qg = q.reshape(B, KV, R, hd) * (1.0 / math.sqrt(hd))  # rows (g, t); contiguous, as are k and v: one layout
+    if Rp > R:
+        qg = F.pad(qg, (0, 0, 0, Rp - R))
+    k, v = ((t[:, :, :Lp] if Lp <= L else F.pad(t, (0, 0, 0, Lp - L))).contiguous() for t in (k, v))
+    m = l = acc = None
+    for b in range(bm.nblk):
+        sl = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
+        s = torch.matmul(qg, k[:, :, sl].transpose(-1, -2)) + bias[:, :, :, sl]  # [B, KV, Rp, Bk]; s + 0 = s
+        blk_max = s.amax(-1, keepdim=True)  # [B, KV, Rp, 1]
+        if m is None:  # block 0: every row sees key 0, so m is finite
+            m = blk_max
+            p = exp(s - m)
+            l, acc = p.sum(-1, keepdim=True), torch.matmul(p, v[:, :, sl])
+            continue
+        m_new = torch.maximum(m, blk_max)
+        alpha = exp(m - m_new)
+        p = exp(s - m_new)
+        l = l * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + torch.matmul(p, v[:, :, sl])
+        m = m_new
+    out = (acc / l)[:, :, :R]  # [B, KV, R, hd]
+    return out.reshape(B, H, Tq, hd)
+
+
+_CAUSAL: dict = {}
+
+
+def dense_causal_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The model's ``attn`` hook in exact mode: ``model.causal_attention`` through ``attention``
+    (the causal BlockMask of each (T, G) is built once)."""
+    T, G = q.shape[2], q.shape[1] // k.shape[1]
+    key = (T, G, str(q.device))
+    if key not in _CAUSAL:
+        if len(_CAUSAL) > 256:
+            _CAUSAL.clear()
+        _CAUSAL[key] = block_mask(causal_mask(T, q.device), G)
+    return attention(q, k, v, _CAUSAL[key])
+
+
+def check_invariance(model, rows: tuple[int, ...] = (1, 3, MIN_ROWS, MIN_ROWS + 1, 100, 1000)) -> None:
+    """Raise NumericsError unless, on this machine, ``linear`` gives each of the model's weights
+    the same row result at every count of ``rows``, at the first and the last position, and
+    ``attention`` the same output for one query alone and in a batch (fixed-seed random inputs)."""
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() != 2 or (tuple(p.shape), p.dtype) in seen:
+                continue
+            seen.add((tuple(p.shape), p.dtype))
+            w = p.full_tensor() if hasattr(p, "full_tensor") else p
+            x = torch.randn(max(rows), w.shape[1], generator=g, dtype=torch.float64).to(w.dtype).to(w.device)
+            ref = linear(x[:1], w)[0]
+            for M in rows:
+                y = linear(x[:M], w)
+                tail = linear(x[M - 1: M], w)[0]
+                if not (torch.equal(y[0], ref) and torch.equal(y[-1], tail)):
+                    raise NumericsError(f"numerics=exact: the matmul of {name} {tuple(w.shape)} is not "
+                                        f"batch-invariant on this machine at {M} rows (see sidpt.model.numerics)")
+        dt = next(model.parameters()).dtype
+        a = model.args
+        q = torch.randn(8, a.n_heads, 5, a.head_dim, generator=g, dtype=torch.float64).to(dt)
+        k = torch.randn(8, a.n_kv_heads, 150, a.head_dim, generator=g, dtype=torch.float64).to(dt)
+        vis = torch.rand(8, 1, 5, 150, generator=g) < 0.7
+        vis[3, :, 2, 100:] = False  # the lone query below sees only its first 100 keys
+        full = attention(q, k, k, vis)
+        one = attention(q[3:4, :, 2:3], k[3:4, :, :100], k[3:4, :, :100], vis[3:4, :, 2:3, :100])
+        if not torch.equal(full[3:4, :, 2:3], one):
+            raise NumericsError("numerics=exact: attention is not batch-invariant on this machine")
