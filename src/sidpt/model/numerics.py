@@ -89,7 +89,8 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return _aligned(F.silu, x)
 
 
-def _pad_rows(x2: torch.Tensor, rows: int = MIN_ROWS) -> torch.Tensor:
+def _pad_rows(x2: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    rows = MIN_ROWS if rows is None else rows
     return F.pad(x2, (0, 0, 0, rows - x2.shape[0])) if x2.shape[0] < rows else x2
 
 
@@ -198,7 +199,7 @@ def block_mask(visible: torch.Tensor, G: int) -> BlockMask:
     """``visible`` [B or 1, 1, Tq, L] bool (key j at absolute position j) -> BlockMask."""
     B, _, Tq, L = visible.shape
     R = G * Tq
-    Rp = max(R, ATTN_ROWS)
+    Rp = max(R, ATTN_ROWS)  # module globals read at call time (tests patch them)
     vis = visible.clone()
     vis[..., 0] = True  # padded queries see key 0 (a real query does anyway): no row all -inf
     vis = vis[:, :, None].expand(B, 1, G, Tq, L).reshape(B, 1, R, L)
