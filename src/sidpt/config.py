@@ -152,7 +152,8 @@ class AlgoConfig:
     """KL-to-reference coefficient in the loss (0: no reference model)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient."""
-    correction: Literal["none", "token-tis", "token-mis", "seq-tis", "seq-mis", "geo-mis", "icepop", "k3-rs"] = "none"
+    correction: Literal["none", "token-tis", "token-mis", "seq-tis", "seq-mis", "geo-mis", "icepop", "k3-rs",
+                        "tr-mask"] = "none"
     """Trainer-inference mismatch correction (sidpt.rl.correction.CORRECTION_MODES; a test keeps the
     two lists equal, so that this module imports nothing of the roles)."""
     correction_form: Literal["decoupled", "bypass"] = "decoupled"

@@ -103,6 +103,17 @@ def test_sequence_modes_fixture():
     check(corr, *expect(lambda n, t: 1.0, lambda n, t: k3(n) <= thr))
     assert corr.mask.any(-1).tolist() == [True, True, False]
 
+    # trust-region masking: a trajectory goes once its largest per-token k3 exceeds tr_max
+    def k3_max(n):
+        return max(math.exp(LR[n][t]) - 1 - LR[n][t] for t in tokens(n))
+
+    kept = []
+    for tr in (0.05, 0.5, 2.0):
+        corr = mismatch_correction(mu, old, mask, "tr-mask", c=2.0, tr_max=tr)
+        check(corr, *expect(lambda n, t: min(math.exp(LR[n][t]), 2.0), lambda n, t: k3_max(n) <= tr))
+        kept.append(corr.mask.any(-1).sum().item())
+    assert kept[0] < kept[-1]  # the thresholds separate the fixture's trajectories
+
 
 def test_bypass_form():
     mu, old, mask = fixture()

@@ -35,6 +35,14 @@ Modes (``mode``), weights detached, log-ratios clamped to +-LOG_RATIO_CLAMP befo
   bound and its own defaults; the two share code.
 - ``k3-rs``:     w = 1, trajectory masked if mean_t (rho_t - 1 - log rho_t) > ``k3_max`` (the k3
   estimate of the per-token KL(mu || pi_old), Schulman 2020).
+- ``tr-mask``:   sequence-level trust-region masking on the maximum per-token divergence (the
+  2026 line of work that rejects a whole trajectory once any of its tokens leaves the trust
+  region, instead of reweighting or dropping that token alone): trajectory masked if
+  max_t (rho_t - 1 - log rho_t) > ``tr_max`` (default 0.05, about |log rho| > 0.3), and token-TIS
+  weights min(rho_t, C) on the trajectories kept. Our reading of the idea: a token-level mask
+  (MIS, IcePop) keeps the rest of a trajectory whose continuation was conditioned on the
+  off-policy token; masking the trajectory removes that bias too, and the max (not the mean of
+  ``k3-rs``) does not let a long trajectory dilute one bad token.
 
 Masked tokens leave TRAIN_MASK, so they also leave the aggregation's denominators (a weight of 0
 kept in the denominator would shrink the step, slime PR 657 / verl PR 3915).
@@ -51,7 +59,7 @@ from sidpt.batch import LOSS_MASK, OLD_LOGPROBS, ROLLOUT_LOGPROBS
 from sidpt.rl.kl import LOG_RATIO_CLAMP
 from sidpt.rl.losses import IS_WEIGHT, PROX_LOGPROBS, TRAIN_MASK, LossNorm, loss_norm, loss_weights
 
-CORRECTION_MODES = ("none", "token-tis", "token-mis", "seq-tis", "seq-mis", "geo-mis", "icepop", "k3-rs")
+CORRECTION_MODES = ("none", "token-tis", "token-mis", "seq-tis", "seq-mis", "geo-mis", "icepop", "k3-rs", "tr-mask")
 REWEIGHT_ONLY = ("none", "token-tis", "seq-tis")  # modes that mask no token: TRAIN_MASK == LOSS_MASK
 DEFAULT_BOUNDS = {
     "token-mis": (0.0, 2.0),
@@ -96,6 +104,7 @@ def mismatch_correction(
     lo: float | None = None,
     hi: float | None = None,
     k3_max: float = 1e-2,
+    tr_max: float = 0.05,
 ) -> Correction:
     """IS weight and rejection mask for the trainer-inference mismatch (see the module doc).
 
@@ -141,6 +150,10 @@ def mismatch_correction(
             n = loss_mask.sum(-1, keepdim=True).clamp(min=1)  # [N, 1]
             k3 = torch.where(loss_mask, torch.expm1(log_rho) - log_rho, 0.0)  # [N, T]
             keep = loss_mask & (k3.sum(-1, keepdim=True) / n <= k3_max)
+        elif mode == "tr-mask":
+            k3 = torch.where(loss_mask, torch.expm1(log_rho) - log_rho, 0.0)  # [N, T]
+            keep = loss_mask & (k3.amax(-1, keepdim=True) <= tr_max)
+            weight, truncated = rho.clamp(max=c), (rho > c) & keep
         if form == "bypass":
             weight, truncated = ones, torch.zeros_like(loss_mask)
         weight = torch.where(keep, weight, 0.0)
