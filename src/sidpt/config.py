@@ -132,6 +132,13 @@ class RolloutConfig:
     few-row decode GEMMs on CPU (``sidpt.model.model.weight_left_linear``). auto and weight-left:
     on CPU (weight-left: on any device) for products of 2-64 rows with weights of 1 MB or more
     (``use_weight_left``), ``F.linear`` otherwise; linear: ``F.linear`` always."""
+    speculative: int = 0
+    """Speculative on-policy rollouts (sidpt.rollout.speculative): a draft in
+    ``draft_precision`` proposes this many tokens a round, the exact policy accepts or resamples
+    them, so tokens follow the exact policy and their log-probs are its own (0: the plain
+    engine). Needs model.numerics = "exact"; single-turn environments."""
+    draft_precision: Literal["emulated-bf16", "emulated-fp16", "emulated-fp8"] = "emulated-bf16"
+    """The draft's emulated precision when ``speculative`` > 0."""
 
 
 @dataclass
@@ -275,6 +282,9 @@ class Config:
                 k, v, want = bad[0]
                 raise ConfigError(f"{k}={v!r}: model.numerics='exact' needs {want!r} (the trainer scores the engine's "
                                   f"own distribution with the same ops)")
+        if self.rollout.speculative and self.model.numerics != "exact":
+            raise ConfigError(f"rollout.speculative={self.rollout.speculative}: the verifier is the exact policy; set "
+                              f"model.numerics='exact'")
         if self.train.min_lr_frac > 1:
             raise ConfigError(f"train.min_lr_frac={self.train.min_lr_frac}: must be <= 1 (a fraction of the peak lr)")
         if self.algo.eps_low >= 1:
@@ -291,6 +301,7 @@ RANGES = {
     "train.beta1": 0.0, "train.beta2": 0.0, "train.grad_clip": 0.0, "train.micro_batch_tokens": 1, "train.mini_batches": 1, "train.epochs": 1, "run.reference_ranks": 0,
     "train.publish_bucket_mb": 0.0, "sft.steps": 0, "sft.lr": 0.0, "sft.batch_size": 1, "sft.n_trajectories": 1,
     "sft.context_weight": 0.0, "train.warmup_steps": 0, "sft.warmup_steps": 0, "train.min_lr_frac": 0.0,
+    "rollout.speculative": 0,
 }
 POSITIVE = {"rollout.kv_cache_mb", "train.lr", "sft.lr", "train.grad_clip", "train.publish_bucket_mb"}
 GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # advantages relative to the group

@@ -51,6 +51,7 @@ from sidpt.model.numerics import check_invariance
 from sidpt.reference import Reference
 from sidpt.rl import REWEIGHT_ONLY, Correction, apply_correction, compute_advantages, dynamic_sampling, mismatch_metrics
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
+from sidpt.rollout.speculative import SpeculativeEngine
 from sidpt.rollout.multiturn import Job, episodes_to_batch, run_episodes
 from sidpt.sft import sft_rows, warm_start
 from sidpt.startup import StopRequest, fit_samples, load_policy, prompt_encoder, set_threads, start_run, threads_note
@@ -324,6 +325,10 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> di
         row = reduce_metrics(sums, r.world.device, plan.group_of(plan.rollout_mesh), totals={"rollout/episodes": n})
         row["perf/gen_tokens_per_s"] = row["rollout/response_tokens"] * row["rollout/episodes"] / max(wall, 1e-9)
         row["policy_version"] = r.engine.policy_version
+        if "drafted" in r.engine.stats:  # speculative rollouts: draft tokens the exact policy accepted, so far
+            st = r.engine.stats
+            row["rollout/spec_accept_rate"] = st["accepted"] / max(st["drafted"], 1)
+            row["rollout/spec_tokens_per_round"] = st["emitted"] / max(st["rounds"], 1)
     row.update(stats)
     row.update(r.timers.pop())
     row["time/step"] = wall
@@ -397,6 +402,8 @@ def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trai
         model = model.to_empty(device=next(policy.parameters()).device).to(next(policy.parameters()).dtype)
         model.set_numerics(cfg.model.numerics)
         c = cfg.rollout
+        if c.speculative:
+            return trainer, SpeculativeEngine(model, c.speculative, c.draft_precision, c.max_model_len), reference
         engine = Engine(model, EngineConfig(block_size=c.block_size, kv_cache_mb=c.kv_cache_mb,
                                             max_model_len=c.max_model_len, precision=c.precision, matmul=c.matmul,
                                             max_seqs=max(64, c.prompts_per_step * c.group_size)), tokenizer=tok)
