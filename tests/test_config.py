@@ -114,10 +114,25 @@ def test_shipped_recipes_load(path):
     ("--rollout.temperature=-1", r"rollout.temperature=-1.0: must be >= 0"),
     ("--train.min_lr_frac=2", r"train.min_lr_frac=2.0: must be <= 1"),
     ("--task.too_long=drop", r"task.too_long: expected one of 'error', 'skip', got 'drop'"),
+    ("--model.numerics=fast", r"model.numerics: expected one of 'default', 'exact', got 'fast'"),
+    ("--rollout.speculative=-1", r"rollout.speculative=-1: must be >= 0"),
+    ("--rollout.speculative=4", r"rollout.speculative=4: the verifier is the exact policy; set model.numerics='exact'"),
 ])
 def test_bad_values_fail_at_load_naming_the_key(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(ROOT / "configs" / "debug.toml", [override])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--rollout.temperature=0.7", r"rollout.temperature=0.7: model.numerics='exact' needs 1.0"),
+    ("--rollout.top_p=0.9", r"rollout.top_p=0.9: model.numerics='exact' needs 1.0"),
+    ("--rollout.precision=emulated-bf16", r"rollout.precision='emulated-bf16': model.numerics='exact' needs 'native'"),
+    ("--model.dtype=bfloat16", r"model.dtype='bfloat16': model.numerics='exact' needs 'float32 or float64'"),
+])
+def test_exact_numerics_refuses_what_would_be_a_mismatch(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(ROOT / "configs" / "debug.toml", ["--model.numerics=exact", override])
+    assert load_config(ROOT / "configs" / "debug.toml", ["--model.numerics=exact"]).model.numerics == "exact"
 
 
 def test_group_of_one_is_fine_with_a_batch_baseline():

@@ -2,6 +2,7 @@
 
     python tools/bench_rl_step.py                          # the demo's shape: 1M model, 32 x 8 episodes
     python tools/bench_rl_step.py --size 6M --zero 0.5 0.75 0.9
+    python tools/bench_rl_step.py --exact --zero 0 --repeats 6   # numerics=exact vs default, the full step
 
 A synthetic batch shaped like the search demo's (``--prompts`` groups of ``--group`` trajectories,
 ``--seq`` tokens each of which the last ``--loss-tokens`` are the policy's, the rest prompt and
@@ -58,6 +59,31 @@ def step(trainer: Trainer, batch: TensorDict, lean: bool) -> tuple[float, float]
     return time.perf_counter() - t, stats["train/grad_norm"]
 
 
+def bench_exact(model, a) -> None:
+    """Recompute + update in numerics="exact" vs default: ``repeats`` rounds after a warm-up,
+    alternating (the order flipped every round), fresh weights each time; best and median."""
+    table = Table(title=f"recompute + RL update, numerics exact vs default, {a.size} (vocab {a.vocab}), "
+                        f"{a.prompts} x {a.group} trajectories of {a.seq} tokens, {a.repeats} alternating rounds")
+    for col in ("zero-adv groups", "default best s", "exact best s", "exact cost (best)", "default median s",
+                "exact median s", "exact cost (median)"):
+        table.add_column(col, justify="right")
+    for zero in a.zero:
+        batch = compute_advantages(make_batch(a.prompts, a.group, a.seq, a.loss_tokens, zero, a.vocab), "grpo")
+        times = {"default": [], "exact": []}
+        for r in range(a.repeats + 1):
+            for m in (("default", "exact") if r % 2 == 0 else ("exact", "default")):
+                trainer = Trainer(copy.deepcopy(model).set_numerics(m), OptimConfig(1e-3, 0.0, (0.9, 0.99), 1e9, 16384))
+                sec, _ = step(trainer, batch, lean=False)
+                if r:  # the first round is a warm-up
+                    times[m].append(sec)
+        best = {m: min(t) for m, t in times.items()}
+        med = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+        table.add_row(f"{zero:.0%}", f"{best['default']:.3f}", f"{best['exact']:.3f}",
+                      f"{best['exact'] / best['default']:.2f}x", f"{med['default']:.3f}", f"{med['exact']:.3f}",
+                      f"{med['exact'] / med['default']:.2f}x")
+    Console().print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="1M", choices=list(SIZES))
@@ -69,10 +95,14 @@ def main() -> None:
     ap.add_argument("--zero", type=float, nargs="+", default=[0.0, 0.5, 0.75, 0.875],
                     help="fractions of groups with equal rewards (the demo: 0.74-0.88)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--exact", action="store_true",
+                    help="instead: the full step in numerics=exact vs default, alternating, same weights and batch")
     a = ap.parse_args()
     torch.set_num_threads(2)
     args = dataclasses.replace(SIZES[a.size], vocab_size=a.vocab)
     model = build_model(args, seed=0)
+    if a.exact:
+        return bench_exact(model, a)
     table = Table(title=f"recompute + RL update, {a.size} (vocab {a.vocab}), {a.prompts} x {a.group} trajectories "
                         f"of {a.seq} tokens ({a.loss_tokens} trained), best of {a.repeats}")
     for col in ("zero-advantage groups", "full s", "lean s", "full / lean", "grad-norm rel. diff"):

@@ -5,6 +5,8 @@
     python tools/bench_rollout.py --sizes 25M --batches 16 64 --new-tokens 64 --sample   # the RL setting
     python tools/bench_rollout.py --sizes runs/smollm2    # a checkpoint directory (a real model)
     python tools/bench_rollout.py --thrash                # scheduling under KV-cache pressure
+    python tools/bench_rollout.py --exact --sizes 1M 25M --batches 16 64 --new-tokens 64
+                                                          # numerics=exact vs default, side by side
 
 Same weights (random, saved by sidpt and loaded by transformers; or a checkpoint directory that
 both load, e.g. SmolLM2-135M-Instruct from ``tools/import_gguf.py --smollm2``), same prompts (16
@@ -147,6 +149,36 @@ def bench_thrash(console: Console, size: str = "6M", n: int = 64, prompt: int = 
     console.print(table)
 
 
+def bench_exact(console: Console, sizes: list[str], batches: list[int], new: int, prompt: int, rounds: int) -> None:
+    """The engine in numerics="exact" (batch-invariant, sidpt.model.numerics) against the default
+    engine on the same weights and prompts, sampled (T = 1, the RL setting): ``rounds`` runs of
+    each, alternating and the order flipped every round; best and median tokens/s."""
+    table = Table(title=f"engine, numerics exact vs default: sampled decode, prompt {prompt}, {new} new tokens, "
+                        f"fp32, {torch.get_num_threads()} threads, {rounds} alternating rounds (tokens/s)")
+    for col in ("model", "batch", "default best", "exact best", "exact cost (best)", "default median",
+                "exact median", "exact cost (median)"):
+        table.add_column(col, justify="right")
+    g = torch.Generator().manual_seed(0)
+    for size in sizes:
+        args = SIZES[size]
+        for B in batches:
+            prompts = torch.randint(0, args.vocab_size, (B, prompt), generator=g).tolist()
+            models = {m: build_model(args, seed=0).set_numerics(m) for m in ("default", "exact")}
+            times = {m: [] for m in models}
+            for r in range(rounds):
+                for m in (("default", "exact") if r % 2 == 0 else ("exact", "default")):
+                    times[m].append(bench_sidpt(models[m], prompts, new, 1, sample=True))
+            n = B * new
+            best = {m: min(t) for m, t in times.items()}
+            med = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+            table.add_row(size, str(B), f"{n / best['default']:.0f}", f"{n / best['exact']:.0f}",
+                          f"{best['exact'] / best['default']:.2f}x", f"{n / med['default']:.0f}",
+                          f"{n / med['exact']:.0f}", f"{med['exact'] / med['default']:.2f}x")
+            console.print(f"  {size} batch {B}: default {[round(t, 3) for t in times['default']]}, "
+                          f"exact {[round(t, 3) for t in times['exact']]} s")
+    console.print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["6M", "25M", "100M"],
@@ -160,11 +192,15 @@ def main() -> None:
     ap.add_argument("--sample", action="store_true",
                     help="sampled decode (temperature 1, top-k 0, top-p 1: the RL setting) instead of greedy")
     ap.add_argument("--thrash", action="store_true", help="only the KV-cache pressure scheduling benchmark")
+    ap.add_argument("--exact", action="store_true", help="only numerics=exact vs default (sidpt's engine)")
+    ap.add_argument("--rounds", type=int, default=6, help="--exact: alternating rounds")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     console = Console(width=150)  # piped output: no truncated columns
     if a.thrash:
         return bench_thrash(console)
+    if a.exact:
+        return bench_exact(console, a.sizes, a.batches, a.new_tokens, a.prompt_len, a.rounds)
     load = os.getloadavg()[0]
     if load > 0.5:
         console.print(f"[yellow]load average {load:.2f}: another process is busy, timings will be low[/]")
