@@ -151,6 +151,7 @@ def report(out: Path, arms: list[str], seeds: list[int], console: Console, last:
             "frac_tokens_masked": statistics.mean(tail_mean(rows, "mismatch/frac_tokens_masked") for rows, _ in per_seed.values()),
             "spec_accept_rate": statistics.mean(tail_mean(rows, "rollout/spec_accept_rate") for rows, _ in per_seed.values()),
             "time_per_step": statistics.mean(tail_mean(rows, "time/step") for rows, _ in per_seed.values()),
+            "rollout_time": statistics.mean(tail_mean(rows, "time/rollout") for rows, _ in per_seed.values()),
         }
     def mean_sd(v):
         return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else float("nan")) if v else (float("nan"),) * 2
@@ -158,7 +159,7 @@ def report(out: Path, arms: list[str], seeds: list[int], console: Console, last:
     a_mean, a_sd = mean_sd(summary.get("a", {}).get("final_exact_acc") or [])
     t = Table(title=f"mismatch lab: {out} (last {last} steps; final accuracy from the saved policy in exact fp32)")
     for c in ("arm", "final acc % (seeds)", "mean +- sd", "vs (a)", "reward", "KL k3", "max |log r|",
-              "grad norm", "low-p share", "entropy", "masked", "accept", "s/step"):
+              "grad norm", "low-p share", "entropy", "masked", "accept", "rollout s", "s/step"):
         t.add_column(c, justify="right")
     for arm, s in summary.items():
         m, sd = mean_sd(s["final_exact_acc"])
@@ -173,7 +174,7 @@ def report(out: Path, arms: list[str], seeds: list[int], console: Console, last:
                   f"{s['train/grad_norm']:.2f}", f"{s['mismatch/low_prob_grad_share']:.3f}", f"{s['train/entropy']:.3f}",
                   f"{s['frac_tokens_masked']:.3f}",
                   "-" if s["spec_accept_rate"] != s["spec_accept_rate"] else f"{s['spec_accept_rate']:.3f}",
-                  f"{s['time_per_step']:.2f}")
+                  f"{s['rollout_time']:.3f}", f"{s['time_per_step']:.2f}")
     console.print(t)
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
