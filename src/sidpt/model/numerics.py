@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 MIN_ROWS = 16  # rows every matmul and row reduction is padded to: weight-left was M-invariant from 12 (above)
 ATTN_ROWS = 4  # rows of each attention matmul (bmm was M-invariant from 4 rows, for 16- and 64-key blocks)
-KEY_BLOCK = 64  # keys per attention block (a multiple of the engine's default KV block of 16)
+KEY_BLOCK = 128  # keys per attention block (a multiple of the engine's default KV block of 16)
 VEC = 64  # elements: a multiple of two AVX-512 vectors of floats (torch's loops unroll by 2)
 GRAIN = 32768  # torch's internal GRAIN_SIZE: elementwise loops below it run on one thread
 WEIGHT_LEFT_MIN = 1 << 18  # as model.WEIGHT_LEFT_MIN: the engine's measured rule, by weight size only
@@ -193,6 +193,17 @@ class BlockMask:
     G: int
     Tq: int
     nblk: int
+    _expanded: dict | None = None
+
+    def per_kv(self, B: int, KV: int, dtype: torch.dtype) -> torch.Tensor:
+        """bias for B sequences repeated over the KV heads, [B * KV, Rp, Lp] (built once per forward)."""
+        if self._expanded is None:
+            self._expanded = {}
+        key = (B, KV, dtype)
+        if key not in self._expanded:
+            _, _, Rp, Lp = self.bias.shape
+            self._expanded[key] = self.bias.to(dtype).expand(B, KV, Rp, Lp).reshape(B * KV, Rp, Lp)
+        return self._expanded[key]
 
 
 def block_mask(visible: torch.Tensor, G: int) -> BlockMask:
@@ -222,35 +233,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask
     The keys are folded in blocks of KEY_BLOCK, in order, by the online-softmax recurrence
     m' = max(m, max s), l' = l e^(m - m') + sum e^(s - m'), o' = o e^(m - m') + e^(s - m') V;
     blocks past the last visible key of every query of the call are skipped (exactly what
-    folding them would give). GQA: the G = H / KV query heads of a KV head share its matmuls."""
+    folding them would give). GQA: the G = H / KV query heads of a KV head share its matmuls.
+    The running max is detached: the output does not depend on it (it cancels), so the gradient
+    is the same without a backward through the max."""
     B, H, Tq, hd = q.shape
     KV, L = k.shape[1], k.shape[2]
     G = H // KV
     bm = mask if isinstance(mask, BlockMask) else block_mask(mask, G)
     R = G * Tq
     Rp, Lp = bm.bias.shape[2], bm.nblk * KEY_BLOCK
-    bias = bm.bias if bm.bias.dtype == q.dtype else bm.bias.to(q.dtype)
-    qg = q.reshape(B, KV, R, hd) * (1.0 / math.sqrt(hd))  # rows (g, t); contiguous, as are k and v: one layout
+    bias = bm.per_kv(B, KV, q.dtype)  # [B * KV, Rp, Lp]
+    qg = q.reshape(B * KV, R, hd)  # rows (g, t) of each (sequence, KV head)
+    scale = 1.0 / math.sqrt(hd)
     if Rp > R:
         qg = F.pad(qg, (0, 0, 0, Rp - R))
-    k, v = ((t[:, :, :Lp] if Lp <= L else F.pad(t, (0, 0, 0, Lp - L))).contiguous() for t in (k, v))
+    k, v = ((t[:, :, :Lp] if Lp <= L else F.pad(t, (0, 0, 0, Lp - L))).reshape(B * KV, Lp, hd) for t in (k, v))
     m = l = acc = None
-    for b in range(bm.nblk):
+    for b in range(bm.nblk):  # 3-D bmm, one GEMM layout for every caller; baddbmm scales, adds the 0 / -inf bias
         sl = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
-        s = torch.matmul(qg, k[:, :, sl].transpose(-1, -2)) + bias[:, :, :, sl]  # [B, KV, Rp, Bk]; s + 0 = s
-        blk_max = s.amax(-1, keepdim=True)  # [B, KV, Rp, 1]
+        s = torch.baddbmm(bias[:, :, sl], qg, k[:, sl].transpose(1, 2), alpha=scale)  # [B * KV, Rp, Bk]
+        blk_max = s.detach().amax(-1, keepdim=True)  # [B * KV, Rp, 1]; a stabiliser: softmax does not depend on it
         if m is None:  # block 0: every row sees key 0, so m is finite
             m = blk_max
             p = exp(s - m)
-            l, acc = p.sum(-1, keepdim=True), torch.matmul(p, v[:, :, sl])
+            l, acc = p.sum(-1, keepdim=True), torch.bmm(p, v[:, sl])
             continue
         m_new = torch.maximum(m, blk_max)
         alpha = exp(m - m_new)
         p = exp(s - m_new)
         l = l * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + torch.matmul(p, v[:, :, sl])
+        acc = acc * alpha + torch.bmm(p, v[:, sl])
         m = m_new
-    out = (acc / l)[:, :, :R]  # [B, KV, R, hd]
+    out = acc / l if Rp == R else (acc / l)[:, :R]  # [B * KV, R, hd]
     return out.reshape(B, H, Tq, hd)
 
 
