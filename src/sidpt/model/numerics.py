@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 MIN_ROWS = 16  # rows every matmul and row reduction is padded to: weight-left was M-invariant from 12 (above)
 ATTN_ROWS = 4  # rows of each attention matmul (bmm was M-invariant from 4 rows, for 16- and 64-key blocks)
-KEY_BLOCK = 128  # keys per attention block (a multiple of the engine's default KV block of 16)
+KEY_BLOCK = 64  # keys per attention block (a multiple of the engine's default KV block of 16)
 VEC = 64  # elements: a multiple of two AVX-512 vectors of floats (torch's loops unroll by 2)
 GRAIN = 32768  # torch's internal GRAIN_SIZE: elementwise loops below it run on one thread
 WEIGHT_LEFT_MIN = 1 << 18  # as model.WEIGHT_LEFT_MIN: the engine's measured rule, by weight size only
@@ -185,24 +185,27 @@ def causal_mask(T: int, device) -> torch.Tensor:
 class BlockMask:
     """A visibility mask laid out for ``attention``, built once per forward (every layer reuses it).
 
-    bias [B, 1, Rp, nblk * KEY_BLOCK]: 0 where visible, -inf where not; rows (g, t) for the G
-    query heads of a KV head and the Tq queries, padded to Rp >= ATTN_ROWS rows; every row sees
-    key 0."""
+    Rows are (t, g): query t of the Tq, query head g of the G sharing a KV head. ``chunks`` splits
+    them into runs of consecutive rows that see the same number of key blocks (causal queries
+    before position KEY_BLOCK need one, and so on), each with its bias [B, 1, n_c, nb_c * KEY_BLOCK]
+    (0 where visible, -inf where not), padded to n_c >= ATTN_ROWS rows that see key 0. Folding a
+    block a query does not see changes nothing bitwise, so a row gives the same bits in any chunk."""
 
-    bias: torch.Tensor
+    chunks: list  # [(row_start, row_end, nb, bias)]
     G: int
     Tq: int
     nblk: int
     _expanded: dict | None = None
 
-    def per_kv(self, B: int, KV: int, dtype: torch.dtype) -> torch.Tensor:
-        """bias for B sequences repeated over the KV heads, [B * KV, Rp, Lp] (built once per forward)."""
+    def per_kv(self, i: int, B: int, KV: int, dtype: torch.dtype) -> torch.Tensor:
+        """Chunk i's bias for B sequences repeated over the KV heads, [B * KV, n_c, Lp_c]."""
         if self._expanded is None:
             self._expanded = {}
-        key = (B, KV, dtype)
+        key = (i, B, KV, dtype)
         if key not in self._expanded:
-            _, _, Rp, Lp = self.bias.shape
-            self._expanded[key] = self.bias.to(dtype).expand(B, KV, Rp, Lp).reshape(B * KV, Rp, Lp)
+            bias = self.chunks[i][3]
+            _, _, n, Lp = bias.shape
+            self._expanded[key] = bias.to(dtype).expand(B, KV, n, Lp).reshape(B * KV, n, Lp)
         return self._expanded[key]
 
 
@@ -210,49 +213,33 @@ def block_mask(visible: torch.Tensor, G: int) -> BlockMask:
     """``visible`` [B or 1, 1, Tq, L] bool (key j at absolute position j) -> BlockMask."""
     B, _, Tq, L = visible.shape
     R = G * Tq
-    Rp = max(R, ATTN_ROWS)  # module globals read at call time (tests patch them)
     vis = visible.clone()
     vis[..., 0] = True  # padded queries see key 0 (a real query does anyway): no row all -inf
-    vis = vis[:, :, None].expand(B, 1, G, Tq, L).reshape(B, 1, R, L)
-    if Rp > R:
-        vis = F.pad(vis, (0, 0, 0, Rp - R), value=False)
-        vis[:, :, R:, 0] = True
-    last = int(vis.reshape(-1, L).any(0).nonzero().max()) + 1  # the last key any query sees
-    nblk = -(-last // KEY_BLOCK)
-    Lp = nblk * KEY_BLOCK
-    vis = vis[..., :Lp] if Lp <= L else F.pad(vis, (0, Lp - L), value=False)
-    bias = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device).masked_fill_(~vis, float("-inf"))
-    return BlockMask(bias, G, Tq, nblk)
+    vis = vis[:, :, :, None].expand(B, 1, Tq, G, L).reshape(B, 1, R, L)  # rows (t, g)
+    j = torch.arange(L, device=vis.device)
+    last = torch.where(vis, j, 0).amax(-1).amax(0)[0]  # [R] the last key each row sees in any sequence
+    nb = (last // KEY_BLOCK + 1).tolist()
+    chunks, r0 = [], 0
+    for r in range(1, R + 1):
+        if r == R or nb[r] != nb[r0]:
+            n, Lc = r - r0, nb[r0] * KEY_BLOCK
+            v = vis[:, :, r0:r, :Lc] if Lc <= L else F.pad(vis[:, :, r0:r], (0, Lc - L), value=False)
+            if n < ATTN_ROWS:  # module globals read at call time (tests patch them)
+                v = F.pad(v, (0, 0, 0, ATTN_ROWS - n), value=False)
+                v[:, :, n:, 0] = True
+            bias = torch.zeros(v.shape, dtype=torch.float32, device=v.device).masked_fill_(~v, float("-inf"))
+            chunks.append((r0, r, nb[r0], bias))
+            r0 = r
+    return BlockMask(chunks, G, Tq, max(nb))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask | torch.Tensor) -> torch.Tensor:
-    """Softmax attention with a fixed key-block split: q [B, H, Tq, hd], k and v [B, KV, L, hd]
-    with key j at absolute position j of its sequence; ``mask`` a BlockMask or a visibility
-    [B or 1, 1, Tq, L] bool (every query must see key 0: true of every causal layout).
-
-    The keys are folded in blocks of KEY_BLOCK, in order, by the online-softmax recurrence
-    m' = max(m, max s), l' = l e^(m - m') + sum e^(s - m'), o' = o e^(m - m') + e^(s - m') V;
-    blocks past the last visible key of every query of the call are skipped (exactly what
-    folding them would give). GQA: the G = H / KV query heads of a KV head share its matmuls.
-    The running max is detached: the output does not depend on it (it cancels), so the gradient
-    is the same without a backward through the max."""
-    B, H, Tq, hd = q.shape
-    KV, L = k.shape[1], k.shape[2]
-    G = H // KV
-    bm = mask if isinstance(mask, BlockMask) else block_mask(mask, G)
-    R = G * Tq
-    Rp, Lp = bm.bias.shape[2], bm.nblk * KEY_BLOCK
-    bias = bm.per_kv(B, KV, q.dtype)  # [B * KV, Rp, Lp]
-    qg = q.reshape(B * KV, R, hd)  # rows (g, t) of each (sequence, KV head)
-    scale = 1.0 / math.sqrt(hd)
-    if Rp > R:
-        qg = F.pad(qg, (0, 0, 0, Rp - R))
-    k, v = ((t[:, :, :Lp] if Lp <= L else F.pad(t, (0, 0, 0, Lp - L))).reshape(B * KV, Lp, hd) for t in (k, v))
+def _fold(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, nb: int, scale: float):
+    """One chunk: qc [B * KV, n, hd] over the first nb key blocks of k, v [B * KV, >= nb * KEY_BLOCK, hd]."""
     m = l = acc = None
-    for b in range(bm.nblk):  # 3-D bmm, one GEMM layout for every caller; baddbmm scales, adds the 0 / -inf bias
+    for b in range(nb):  # 3-D bmm, one GEMM layout for every caller; baddbmm scales, adds the 0 / -inf bias
         sl = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
-        s = torch.baddbmm(bias[:, :, sl], qg, k[:, sl].transpose(1, 2), alpha=scale)  # [B * KV, Rp, Bk]
-        blk_max = s.detach().amax(-1, keepdim=True)  # [B * KV, Rp, 1]; a stabiliser: softmax does not depend on it
+        s = torch.baddbmm(bias[:, :, sl], qc, k[:, sl].transpose(1, 2), alpha=scale)  # [B * KV, n, Bk]
+        blk_max = s.detach().amax(-1, keepdim=True)  # [B * KV, n, 1]; a stabiliser: softmax does not depend on it
         if m is None:  # block 0: every row sees key 0, so m is finite
             m = blk_max
             p = exp(s - m)
@@ -264,8 +251,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask
         l = l * alpha + p.sum(-1, keepdim=True)
         acc = acc * alpha + torch.bmm(p, v[:, sl])
         m = m_new
-    out = acc / l if Rp == R else (acc / l)[:, :R]  # [B * KV, R, hd]
-    return out.reshape(B, H, Tq, hd)
+    return acc / l
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask | torch.Tensor) -> torch.Tensor:
+    """Softmax attention with a fixed key-block split: q [B, H, Tq, hd], k and v [B, KV, L, hd]
+    with key j at absolute position j of its sequence; ``mask`` a BlockMask or a visibility
+    [B or 1, 1, Tq, L] bool (every query must see key 0: true of every causal layout).
+
+    The keys are folded in blocks of KEY_BLOCK, in order, by the online-softmax recurrence
+    m' = max(m, max s), l' = l e^(m - m') + sum e^(s - m'), o' = o e^(m - m') + e^(s - m') V;
+    each run of queries folds only the blocks up to the last one it can see (exactly what
+    folding the rest would give). GQA: the G = H / KV query heads of a KV head share its matmuls.
+    The running max is detached: the output does not depend on it (it cancels), so the gradient
+    is the same without a backward through the max."""
+    B, H, Tq, hd = q.shape
+    KV, L = k.shape[1], k.shape[2]
+    G = H // KV
+    bm = mask if isinstance(mask, BlockMask) else block_mask(mask, G)
+    Lp = bm.nblk * KEY_BLOCK
+    qg = q.reshape(B, KV, G, Tq, hd).transpose(2, 3).reshape(B * KV, Tq * G, hd)  # rows (t, g)
+    k, v = ((t[:, :, :Lp] if Lp <= L else F.pad(t, (0, 0, 0, Lp - L))).reshape(B * KV, Lp, hd) for t in (k, v))
+    outs = []
+    for i, (r0, r1, nb, bias) in enumerate(bm.chunks):
+        qc = qg[:, r0:r1]
+        if bias.shape[2] > r1 - r0:
+            qc = F.pad(qc, (0, 0, 0, bias.shape[2] - (r1 - r0)))
+        out = _fold(qc, k, v, bm.per_kv(i, B, KV, q.dtype), nb, 1.0 / math.sqrt(hd))
+        outs.append(out[:, : r1 - r0])
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)  # [B * KV, Tq * G, hd]
+    return out.view(B, KV, Tq, G, hd).transpose(2, 3).reshape(B, H, Tq, hd)
 
 
 _CAUSAL: dict = {}
