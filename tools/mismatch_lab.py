@@ -100,7 +100,11 @@ def load(out: Path, arm: str, seed: int) -> tuple[list[dict], float | None]:
     return rows, acc
 
 
-def report(out: Path, arms: list[str], seeds: list[int], console: Console, last: int) -> dict:
+def label(arm: str, low: str) -> str:
+    return ARMS[arm][0].replace("low", low)
+
+
+def report(out: Path, arms: list[str], seeds: list[int], console: Console, last: int, low: str = "fp8") -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,16 +123,16 @@ def report(out: Path, arms: list[str], seeds: list[int], console: Console, last:
             for s, (rows, _) in per_seed.items():
                 for r in rows:
                     f.write(json.dumps({"arm": arm, "seed": s, **r}) + "\n")
-    for metric, label in METRICS.items():
+    for metric, axis in METRICS.items():
         fig, ax = plt.subplots(figsize=(7, 4))
         for arm, per_seed in data.items():
             curves = [{r["step"]: r[metric] for r in rows if metric in r} for rows, _ in per_seed.values()]
             steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
             if steps:
-                ax.plot(steps, [statistics.mean(c[t] for c in curves) for t in steps], label=f"{arm}: {ARMS[arm][0]}")
+                ax.plot(steps, [statistics.mean(c[t] for c in curves) for t in steps], label=f"{arm}: {label(arm, low)}")
         ax.set_xlabel("GRPO step")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} (mean over {len(seeds)} seeds)")
+        ax.set_ylabel(axis)
+        ax.set_title(f"{axis} (mean over {len(seeds)} seeds)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{metric.replace('/', '_')}.png", dpi=110)
@@ -142,7 +146,7 @@ def report(out: Path, arms: list[str], seeds: list[int], console: Console, last:
     for arm, per_seed in data.items():
         finals = [acc for _, acc in per_seed.values() if acc is not None]
         summary[arm] = {
-            "name": ARMS[arm][0], "seeds": sorted(per_seed),
+            "name": label(arm, low), "seeds": sorted(per_seed),
             "final_exact_acc": finals,
             "final_engine_acc": [[r["eval/accuracy"] for r in rows if "eval/accuracy" in r][-1] for rows, _ in per_seed.values()],
             **{k: statistics.mean(tail_mean(rows, k) for rows, _ in per_seed.values()) for k in METRICS if k != "eval/accuracy"},
@@ -208,7 +212,7 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             for f in [pool.submit(run_arm, a, s, args, console.print) for a, s in jobs]:
                 f.result()
-    report(out, args.arms, args.seeds, console, args.last)
+    report(out, args.arms, args.seeds, console, args.last, args.low)
 
 
 if __name__ == "__main__":

@@ -328,7 +328,7 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> di
         if "drafted" in r.engine.stats:  # speculative rollouts: draft tokens the exact policy accepted, so far
             st = r.engine.stats
             row["rollout/spec_accept_rate"] = st["accepted"] / max(st["drafted"], 1)
-            row["rollout/spec_tokens_per_round"] = st["emitted"] / max(st["rounds"], 1)
+            row["rollout/spec_tokens_per_round"] = st["emitted"] / max(st["request_rounds"], 1)  # per request
     row.update(stats)
     row.update(r.timers.pop())
     row["time/step"] = wall

@@ -69,8 +69,8 @@ class SpeculativeEngine:
         self.policy_version = 0
         self.reqs: dict[Hashable, _Req] = {}
         self._seed_gen = torch.Generator().manual_seed(seed)
-        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "emitted": 0, "target_forwards": 0,
-                      "draft_forwards": 0}
+        self.stats = {"rounds": 0, "request_rounds": 0, "drafted": 0, "accepted": 0, "emitted": 0,
+                      "target_forwards": 0, "draft_forwards": 0}
 
     def submit(self, req: Request) -> None:
         p = req.params
@@ -181,6 +181,7 @@ class SpeculativeEngine:
         at = torch.where(n_acc == k, k, n_acc)
         extra = torch.where(greedy, logp[torch.arange(B), at].argmax(-1), extra)
         self.stats["rounds"] += 1
+        self.stats["request_rounds"] += B
         self.stats["drafted"] += B * k
         self.stats["accepted"] += int(n_acc.sum())
         outs = []
