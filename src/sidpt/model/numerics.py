@@ -72,9 +72,10 @@ def _aligned(fn, x: torch.Tensor) -> torch.Tensor:
     (pad value 0: finite for exp, log and SiLU alike)."""
     n = x.numel()
     pad = _padded_numel(n) - n
-    if pad == 0 and x.is_contiguous():  # one flat loop already: no copy
+    x = x.contiguous()  # one flat loop (a strided view would loop per row, its tails inside)
+    if pad == 0:
         return fn(x)
-    return fn(F.pad(x.reshape(-1), (0, pad)))[:n].view(x.shape)
+    return fn(F.pad(x.view(-1), (0, pad)))[:n].view(x.shape)
 
 
 def exp(x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,8 @@ def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> to
     [D, M], as the default engine does (no copy of the widest activation); W @ A with a row-major
     A [K, M] was M-invariant from 12 columns, as W @ x^T was."""
     if not (weight_left(w_gate_up) and weight_left(w_down)):
-        gate, up = linear(x, w_gate_up).chunk(2, dim=-1)
+        # two products into contiguous outputs: no copy of the gate half for the SiLU
+        gate, up = (linear(x, w) for w in w_gate_up.chunk(2, dim=0))
         return linear(silu(gate) * up, w_down)
     x2 = x.reshape(-1, x.shape[-1])
     M = x2.shape[0]
