@@ -248,17 +248,7 @@ class Engine:
 
     def generate(self, requests: Iterable[Request]) -> list[Output]:
         """Submit and run to completion (no tool calls): outputs in submission order."""
-        ids = []
-        for r in requests:
-            self.submit(r)
-            ids.append(r.id)
-        done = {}
-        while self.has_work():
-            for out in self.step():
-                done[out.id] = out
-                if out.finish_reason == "tool":
-                    self.release(out.id)
-        return [done[i] for i in ids]
+        return run_to_completion(self, requests)
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -597,6 +587,22 @@ class Engine:
             if token in self._triggers[stop] and stop_completed(self.tokenizer, s.turn, stop):
                 return stop
         return None
+
+
+def run_to_completion(engine, requests: Iterable[Request]) -> list[Output]:
+    """Submit ``requests`` to ``engine`` (an Engine or anything with its submit / step / has_work /
+    release) and step until all finish; a tool pause ends its request. Outputs in submission order."""
+    ids = []
+    for r in requests:
+        engine.submit(r)
+        ids.append(r.id)
+    done = {}
+    while engine.has_work():
+        for out in engine.step():
+            done[out.id] = out
+            if out.finish_reason == "tool":
+                engine.release(out.id)
+    return [done[i] for i in ids]
 
 
 def stop_completed(tokenizer, ids: list[int], stop: str) -> bool:

@@ -31,7 +31,7 @@ import torch
 
 from sidpt.model import numerics
 from sidpt.model.model import Transformer
-from sidpt.rollout.engine import Output, Request
+from sidpt.rollout.engine import Output, Request, run_to_completion
 from sidpt.rollout.precision import FORMATS, install_activation_rounding, round_weights
 from sidpt.rollout.sampling import uniform
 
@@ -99,15 +99,7 @@ class SpeculativeEngine:
         raise ValueError("speculative rollouts serve single-turn episodes: no resume")
 
     def generate(self, requests: Iterable[Request]) -> list[Output]:
-        ids = []
-        for r in requests:
-            self.submit(r)
-            ids.append(r.id)
-        done = {}
-        while self.has_work():
-            for out in self.step():
-                done[out.id] = out
-        return [done[i] for i in ids]
+        return run_to_completion(self, requests)
 
     @torch.no_grad()
     def update_weights(self, buckets, version: int | None = None) -> int:
