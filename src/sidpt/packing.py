@@ -59,26 +59,23 @@ class Packing:
         """The model's ``attn`` hook: q [1, H, S, hd], k and v [1, KV, S, hd] -> [1, H, S, hd]."""
         qf, kf, vf = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [S, heads, hd]
         gqa = q.shape[1] != k.shape[1]
+        pq, pk, pv = (x[self.prefix].transpose(1, 2) for x in (qf, kf, vf))  # [U, heads, P_max, hd]
+        rq = qf[self.rest].transpose(1, 2)  # [n, H, L_max, hd]
         if self.exact:  # each row's keys at their absolute positions: the engine's key blocks
-            G = q.shape[1] // k.shape[1]
-            pq, pk, pv = (x[self.prefix].transpose(1, 2) for x in (qf, kf, vf))  # [U, heads, P_max, hd]
             if self._masks is None:
+                G = q.shape[1] // k.shape[1]
                 self._masks = (numerics.block_mask(numerics.causal_mask(pq.shape[2], q.device), G),
                                numerics.block_mask(self.rest_visible, G))
             out_p = numerics.attention(pq, pk, pv, self._masks[0])
-            rq = qf[self.rest].transpose(1, 2)  # [n, H, L_max, hd]
             rk, rv = (x[self.rest_keys].transpose(1, 2) for x in (kf, vf))  # [n, KV, P_max + L_max, hd]
             out_r = numerics.attention(rq, rk, rv, self._masks[1])
-            both = torch.cat((out_p.transpose(1, 2)[self.prefix_valid], out_r.transpose(1, 2)[self.rest_valid]))
-            return both[self.order].transpose(0, 1)[None]
-        # prompts: causal over themselves (right padding: padded queries come last and are dropped)
-        pq, pk, pv = (x[self.prefix].transpose(1, 2) for x in (qf, kf, vf))  # [U, heads, P_max, hd]
-        out_p = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=gqa)
-        # remainders: their unit's prompt, then themselves causally
-        rq = qf[self.rest].transpose(1, 2)  # [n, H, L_max, hd]
-        rk = torch.cat((pk[self.rest_unit], kf[self.rest].transpose(1, 2)), dim=2)  # [n, KV, P_max + L_max, hd]
-        rv = torch.cat((pv[self.rest_unit], vf[self.rest].transpose(1, 2)), dim=2)
-        out_r = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=self.rest_mask, enable_gqa=gqa)
+        else:
+            # prompts: causal over themselves (right padding: padded queries come last and are dropped)
+            out_p = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, enable_gqa=gqa)
+            # remainders: their unit's prompt, then themselves causally
+            rk = torch.cat((pk[self.rest_unit], kf[self.rest].transpose(1, 2)), dim=2)  # [n, KV, P_max + L_max, hd]
+            rv = torch.cat((pv[self.rest_unit], vf[self.rest].transpose(1, 2)), dim=2)
+            out_r = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=self.rest_mask, enable_gqa=gqa)
         both = torch.cat((out_p.transpose(1, 2)[self.prefix_valid], out_r.transpose(1, 2)[self.rest_valid]))
         return both[self.order].transpose(0, 1)[None]  # [1, H, S, hd]
 

@@ -162,7 +162,7 @@ def weight_left_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 WEIGHT_LEFT_ROWS = (2, 64)  # rows (tokens) of x for which weight-left is taken
-WEIGHT_LEFT_MIN = 1 << 18  # weight elements (1 MB of fp32): smaller weights sit in cache
+WEIGHT_LEFT_MIN = numerics.WEIGHT_LEFT_MIN  # weight elements (1 MB of fp32): smaller weights sit in cache
 
 
 def use_weight_left(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -49,7 +49,7 @@ ATTN_ROWS = 4  # rows of each attention matmul (bmm was M-invariant from 4 rows,
 KEY_BLOCK = 64  # keys per attention block (a multiple of the engine's default KV block of 16)
 VEC = 64  # elements: a multiple of two AVX-512 vectors of floats (torch's loops unroll by 2)
 GRAIN = 32768  # torch's internal GRAIN_SIZE: elementwise loops below it run on one thread
-WEIGHT_LEFT_MIN = 1 << 18  # as model.WEIGHT_LEFT_MIN: the engine's measured rule, by weight size only
+WEIGHT_LEFT_MIN = 1 << 18  # weight elements (1 MB of fp32): the engine's measured rule (model.use_weight_left)
 
 
 class NumericsError(RuntimeError):

@@ -88,7 +88,7 @@ class PagedAttention:
         gqa = q.shape[1] != KV
         if self.fresh:
             if self.exact:
-                return self._exact(q, k, v, numerics.causal_mask(Tq, q.device))
+                return numerics.dense_causal_attention(layer, q, k, v)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         # A row gather of the flat slot list through F.embedding: on a 2-thread CPU it ran 1.5-3x
         # faster than index_select on the 4-D view and than advanced indexing (tools/bench_rollout.py).

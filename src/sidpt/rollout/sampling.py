@@ -106,21 +106,17 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     ``logq`` [B, V]: the sampling distribution given whole (exact numerics: the batch-invariant
     log-softmax at T = 1 without truncation; greedy rows report their argmax under it)."""
     greedy = temperature == 0
-    if logq is not None:
+    given = logq is not None
+    if bool(greedy.all()):  # fast path: argmax and its log-probability under T = 1 (or under logq)
         tok = logits.argmax(-1)
-        if not bool(greedy.all()):
-            cdf = logq.exp().double().cumsum(-1)
-            drawn = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None]).squeeze(-1)
-            tok = torch.where(greedy, tok, drawn.clamp_(max=logits.shape[-1] - 1))
-        return tok, logq.gather(1, tok[:, None]).squeeze(1)
-    if bool(greedy.all()):  # fast path: argmax and its log-probability under T = 1
-        tok = logits.argmax(-1)
-        return tok, token_logprob(logits, tok)
-    logq = truncated_logprobs(logits, temperature, top_k, top_p)  # [B, V]
+        return tok, (logq.gather(1, tok[:, None]).squeeze(1) if given else token_logprob(logits, tok))
+    if not given:
+        logq = truncated_logprobs(logits, temperature, top_k, top_p)  # [B, V]
     cdf = logq.exp().double().cumsum(-1)  # [B, V]; float64 so the last entry is 1 to ~1e-15
     target = (u.double() * cdf[:, -1])[:, None]
     drawn = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     if bool(greedy.any()):
         drawn = torch.where(greedy, logits.argmax(-1), drawn)
-        logq = torch.where(greedy[:, None], torch.log_softmax(logits.to(logq.dtype), -1), logq)
+        if not given:
+            logq = torch.where(greedy[:, None], torch.log_softmax(logits.to(logq.dtype), -1), logq)
     return drawn, logq.gather(1, drawn[:, None]).squeeze(1)

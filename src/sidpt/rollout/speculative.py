@@ -48,6 +48,12 @@ class _Req:
     draws: int = field(default=0)  # counter of uniforms taken
 
 
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row from unnormalised ``weights`` [B, V] with uniforms ``u`` [B]."""
+    drawn = torch.searchsorted(weights.cumsum(-1), (u * weights.sum(-1))[:, None]).squeeze(-1)
+    return drawn.clamp_(max=weights.shape[-1] - 1)
+
+
 class SpeculativeEngine:
     """The Engine interface the controller uses (submit, step, has_work, release, generate,
     update_weights, policy_version, model, device, stats), over a target in exact numerics and a
@@ -143,8 +149,7 @@ class SpeculativeEngine:
             logits = self.draft(tok)[torch.arange(B), lens - 1].float()  # [B, V]
             q = torch.softmax(logits, -1)
             u = self._uniform(rows).to(q.dtype)
-            x = torch.searchsorted(q.cumsum(-1), (u * q.sum(-1))[:, None]).squeeze(-1).clamp_(max=q.shape[-1] - 1)
-            x = torch.where(greedy, logits.argmax(-1), x)
+            x = torch.where(greedy, logits.argmax(-1), _draw(q, u))
             drafts.append(x)
             q_all.append(q)
             for s, t in zip(seqs, x.tolist()):
@@ -168,8 +173,7 @@ class SpeculativeEngine:
         dist = torch.where((n_acc == k)[:, None], p[:, k], resid)
         dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p[torch.arange(B), j])  # p == q: resample p
         u = self._uniform(rows).to(p.dtype)
-        extra = torch.searchsorted(dist.cumsum(-1), (u * dist.sum(-1))[:, None]).squeeze(-1)
-        extra = extra.clamp_(max=p.shape[-1] - 1)
+        extra = _draw(dist, u)
         at = torch.where(n_acc == k, k, n_acc)
         extra = torch.where(greedy, logp[torch.arange(B), at].argmax(-1), extra)
         self.stats["rounds"] += 1
