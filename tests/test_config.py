@@ -127,7 +127,8 @@ def test_bad_values_fail_at_load_naming_the_key(tmp_path, override, match):
     ("--rollout.temperature=0.7", r"rollout.temperature=0.7: model.numerics='exact' needs 1.0"),
     ("--rollout.top_p=0.9", r"rollout.top_p=0.9: model.numerics='exact' needs 1.0"),
     ("--rollout.precision=emulated-bf16", r"rollout.precision='emulated-bf16': model.numerics='exact' needs 'native'"),
-    ("--model.dtype=bfloat16", r"model.dtype='bfloat16': model.numerics='exact' needs 'float32 or float64'"),
+    ("--model.dtype=bfloat16", r"model.dtype='bfloat16': model.numerics='exact' needs 'float32'"),
+    ("--model.dtype=float64", r"model.dtype='float64': model.numerics='exact' needs 'float32'"),
 ])
 def test_exact_numerics_refuses_what_would_be_a_mismatch(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     from sidpt.env.search.bm25 import CorpusError
     from sidpt.env.search.env import DataError
     from sidpt.model.hf_io import CheckpointError
+    from sidpt.model.numerics import NumericsError
     from sidpt.model.tokenizer import TokenizerError
 
     try:
         run(cfg)
-    except (ConfigError, DataError, CorpusError, CheckpointError, TokenizerError) as e:
+    except (ConfigError, DataError, CorpusError, CheckpointError, TokenizerError, NumericsError) as e:
         # a user's mistake: one line naming the culprit; the traceback goes to the run's error.log
         log = Path(cfg.run.out_dir) / cfg.run.name / "error.log"
         if log.parent.is_dir():

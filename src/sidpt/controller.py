@@ -88,6 +88,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     console, run_dir = start_run(cfg, world)
     env_module, env_cfg = load_environment(cfg.env)
     task = env_module.make_task(env_cfg, world.is_main, need_sft=cfg.sft.steps > 0)
+    check_speculative(cfg, task)
     tok, policy = load_policy(cfg, task, world)
     prompt_ids = prompt_encoder(cfg, task, tok)
     fit_samples(cfg, task, prompt_ids, console)
@@ -422,6 +423,14 @@ def check_degrees(cfg: Config, plan: Plan) -> None:
     if plan.own_reference and cfg.algo.kl_coef == 0:
         raise ConfigError(f"run.reference_ranks={len(plan.reference_ranks)}: the reference serves the KL term, "
                           f"and algo.kl_coef = 0 (those ranks would idle)")
+
+
+def check_speculative(cfg: Config, task) -> None:
+    """Speculative rollouts serve single-turn episodes: refuse a tool-calling environment at start-up."""
+    stops = tuple(getattr(task.env, "stop_strings", ()))
+    if cfg.rollout.speculative and stops:
+        raise ConfigError(f"rollout.speculative={cfg.rollout.speculative}: speculative rollouts serve single-turn "
+                          f"episodes, and env {cfg.env['name']!r} calls tools (stop strings {stops})")
 
 
 def _loss_kwargs(cfg: Config) -> dict:

@@ -72,3 +72,19 @@ def test_speculative_greedy_is_the_targets_greedy_and_refuses_tools():
         assert "single-turn" in str(e)
     else:
         raise AssertionError("a multi-turn request was accepted")
+
+
+def test_a_tool_calling_environment_is_refused_at_start_up():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sidpt.config import ConfigError, load_config
+    from sidpt.controller import check_speculative
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "debug.toml",
+                      ["--model.numerics=exact", "--rollout.speculative=2"])
+    with pytest.raises(ConfigError, match=r"rollout.speculative=2: .* env 'search' calls tools"):
+        check_speculative(cfg, SimpleNamespace(env=SimpleNamespace(stop_strings=("</search>",))))
+    check_speculative(cfg, SimpleNamespace(env=SimpleNamespace(stop_strings=())))  # single-turn: fine

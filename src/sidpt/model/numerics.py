@@ -32,7 +32,8 @@ on the machine at hand):
 - **norms and log-softmax**: torch's fused RMSNorm row kernel, and log-softmax written out
   (max, aligned exp, row sum, aligned log), rows padded like the matmuls.
 
-Inputs: float32 or float64. Backward passes are ordinary autograd (not batch-invariant; nothing
+Inputs: float32 (MKL's float64 GEMM rounds the last 1-3 rows of a call by another
+edge kernel, so a row's bits depend on its position there; ``check_invariance`` catches it). Backward passes are ordinary autograd (not batch-invariant; nothing
 needs them to be).
 """
 
@@ -318,8 +319,9 @@ def check_invariance(model, rows: tuple[int, ...] = (1, 3, MIN_ROWS, MIN_ROWS + 
                 y = linear(x[:M], w)
                 tail = linear(x[M - 1: M], w)[0]
                 if not (torch.equal(y[0], ref) and torch.equal(y[-1], tail)):
-                    raise NumericsError(f"numerics=exact: the matmul of {name} {tuple(w.shape)} is not "
-                                        f"batch-invariant on this machine at {M} rows (see sidpt.model.numerics)")
+                    raise NumericsError(f"model.numerics=exact: the matmul of {name} {tuple(w.shape)} is not "
+                                        f"batch-invariant on this machine at {M} rows (see sidpt.model.numerics; "
+                                        f"model.numerics=default runs)")
         dt = next(model.parameters()).dtype
         a = model.args
         q = torch.randn(8, a.n_heads, 5, a.head_dim, generator=g, dtype=torch.float64).to(dt)
