@@ -49,6 +49,16 @@ class RunConfig:
     """RL steps (0: no RL phase)."""
     placement: Literal["colocated", "disaggregated"] = "colocated"
     """colocated: every role on every rank, phases alternate; disaggregated: separate meshes."""
+    pipeline: Literal["sync", "async"] = "sync"
+    """Disaggregated placement only. sync: every rollout rank has the new weights before it starts
+    the next step's groups; async: rollout ranks keep generating while the trainer trains, under
+    ``rollout.max_staleness``, with in-flight weight updates (``rollout.inflight``) and the
+    trainer's batch chosen by ``train.schedule`` (``sidpt.schedule``)."""
+    delay_rank: int = -1
+    """Fault injection for tests and benchmarks: the global rank that sleeps ``delay_s`` per engine
+    step (a rollout rank) or per RL update (a trainer rank); -1: none."""
+    delay_s: float = 0.0
+    """Seconds of the injected delay (``delay_rank``)."""
     rollout_ranks: int = 0
     """Ranks given to rollout when disaggregated (the first ones; 0 when colocated: all ranks)."""
     reference_ranks: int = 0
@@ -139,6 +149,17 @@ class RolloutConfig:
     engine). Needs model.numerics = "exact"; single-turn environments."""
     draft_precision: Literal["emulated-bf16", "emulated-fp16", "emulated-fp8"] = "emulated-bf16"
     """The draft's emulated precision when ``speculative`` > 0."""
+    max_staleness: int = 1
+    """Async pipeline: no trained token was sampled by weights more than this many versions older
+    than the trainer's (0: the synchronous run, step for step). Rollout ranks wait rather than
+    start groups that could exceed it (``sidpt.schedule``)."""
+    inflight: Literal["continue", "requeue"] = "continue"
+    """Async pipeline: what running requests do when new weights arrive between decode steps.
+    continue: go on with the new weights (each token records the version that sampled it);
+    requeue: abort and start again from the prompt with the new weights."""
+    inflight_kv: Literal["keep", "recompute"] = "keep"
+    """Async pipeline, ``inflight = "continue"``: keep the KV cache the old weights computed, or
+    drop it so every running request recomputes its cache with the new weights."""
 
 
 @dataclass
@@ -205,6 +226,13 @@ class TrainConfig:
     """With one optimizer update per batch (``mini_batches = epochs = 1``) take pi_old from the
     training forward's own log-probs (detached: pi_old = pi before the only step) instead of a
     separate recompute forward; the update is the same to float rounding. Off: recompute always."""
+    schedule: Literal["fifo", "group_complete", "paced", "debiased"] = "debiased"
+    """Async pipeline: which finished trajectories a step trains (``sidpt.schedule``). fifo: the
+    first to finish, stale ones dropped; group_complete: whole groups, first completed first, stale
+    groups dropped; paced: oldest groups first, waiting for them, never dropped; debiased:
+    earliest deadline first, filled with the first completed, never dropped."""
+    bias_window: int = 8
+    """Async pipeline: steps of the sliding window of the bias and starvation figures."""
     skip_zero_adv: bool = True
     """Leave trajectories whose advantage is 0 everywhere (GRPO groups with equal rewards) out of
     the forward and backward when the loss has no KL or entropy term: their gradient is exactly
@@ -285,6 +313,17 @@ class Config:
         if self.rollout.speculative and self.model.numerics != "exact":
             raise ConfigError(f"rollout.speculative={self.rollout.speculative}: the verifier is the exact policy; set "
                               f"model.numerics='exact'")
+        if self.run.pipeline == "async":
+            bad = [(k, v) for k, v in (("run.placement", self.run.placement != "disaggregated"),
+                                       ("run.verify_publish", self.run.verify_publish),
+                                       ("run.eval_every", self.run.eval_every),
+                                       ("run.reference_ranks", self.run.reference_ranks),
+                                       ("rollout.speculative", self.rollout.speculative)) if v]
+            if bad:
+                k = bad[0][0]
+                raise ConfigError(f"{k}={getattr(getattr(self, k.split('.')[0]), k.split('.')[1])!r}: "
+                                  f"run.pipeline='async' runs on disaggregated placement (the reference on the trainer "
+                                  f"ranks), without the publish check, mid-run evaluations and the speculative engine")
         if self.train.min_lr_frac > 1:
             raise ConfigError(f"train.min_lr_frac={self.train.min_lr_frac}: must be <= 1 (a fraction of the peak lr)")
         if self.algo.eps_low >= 1:
@@ -301,7 +340,8 @@ RANGES = {
     "train.beta1": 0.0, "train.beta2": 0.0, "train.grad_clip": 0.0, "train.micro_batch_tokens": 1, "train.mini_batches": 1, "train.epochs": 1, "run.reference_ranks": 0,
     "train.publish_bucket_mb": 0.0, "sft.steps": 0, "sft.lr": 0.0, "sft.batch_size": 1, "sft.n_trajectories": 1,
     "sft.context_weight": 0.0, "train.warmup_steps": 0, "sft.warmup_steps": 0, "train.min_lr_frac": 0.0,
-    "rollout.speculative": 0,
+    "rollout.speculative": 0, "rollout.max_staleness": 0, "train.bias_window": 1, "run.delay_s": 0.0,
+    "run.delay_rank": -1,
 }
 POSITIVE = {"rollout.kv_cache_mb", "train.lr", "sft.lr", "train.grad_clip", "train.publish_bucket_mb"}
 GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # advantages relative to the group

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,13 +32,15 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sidpt.batch import ADVANTAGES, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS
+from sidpt.batch import ADVANTAGES, FINISH_ERROR, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, trajectories_to_batch
 from sidpt.checkpoint import save_policy
 from sidpt.config import Config, ConfigError
 from sidpt.data import episode_seed, step_indices
 from sidpt.dist.plan import Plan, build_plan
+from sidpt.dist.stream import STOP, TrajectoryReceiver, TrajectorySender, WeightReceiver, publish_version
 from sidpt.dist.transfer import (
-    broadcast_weights, receive_weights, recv_groups, request_ref_logprobs, send_groups, serve_ref_logprobs,
+    broadcast_weights, join_rows, receive_weights, recv_groups, recv_rows, request_ref_logprobs, send_groups,
+    send_rows, serve_ref_logprobs,
 )
 from sidpt.dist.world import World, all_reduce_max, all_reduce_sum, gather_to_main, init_world, shutdown
 from sidpt.env import load_environment, load_reward, score
@@ -52,7 +54,8 @@ from sidpt.reference import Reference
 from sidpt.rl import REWEIGHT_ONLY, Correction, apply_correction, compute_advantages, dynamic_sampling, mismatch_metrics
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
 from sidpt.rollout.speculative import SpeculativeEngine
-from sidpt.rollout.multiturn import Job, episodes_to_batch, run_episodes
+from sidpt.rollout.multiturn import EpisodeRunner, Job, episode_trajectory, episodes_to_batch, run_episodes
+from sidpt.schedule import PipelineState, lookahead
 from sidpt.sft import sft_rows, warm_start
 from sidpt.startup import StopRequest, fit_samples, load_policy, prompt_encoder, set_threads, start_run, threads_note
 from sidpt.trainer import OptimConfig, Trainer, lr_at, sequence_logprobs, signal_rows
@@ -108,26 +111,32 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         else:
             console.print(f"SFT warm-start: {cfg.sft.steps} steps on the trainer ranks {plan.trainer_ranks}")
         replay_sft_rows(r)
-        publish(r)
+        publish(r, version=0)  # version 0: the policy RL starts from (step s samples with version s)
         sync_reference(r)
     results = {"before": evaluate_heldout(r, "before", 0)}
     if world.is_main:  # the main rank rolls out in every placement: it holds the evaluation
         console.print(f"held-out before RL: {describe(results['before'], task.eval_columns)}")
-    curve = []
     with _progress(console, "GRPO", cfg.run.steps) as bar:
-        for step in range(cfg.run.steps):
-            if r.stop.requested():
-                break
-            row = rl_step(r, step)  # complete on the main rank
-            r.log.log(step, row)
-            curve.append((step, row.get("reward/mean", 0.0)))
-            bar(info=f"reward {curve[-1][1]:.3f}  {row['time/step']:.1f}s/step")
-            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
-                evaluate_heldout(r, f"step{step + 1}", step)
+        curve = (async_steps if cfg.run.pipeline == "async" else sync_steps)(r, bar)
     if curve:  # an eval-only run (no RL step) evaluates once: no "after" identical to "before"
         results["after"] = evaluate_heldout(r, "after", len(curve))
     finish(r, results, curve, policy.args)
     return results
+
+
+def sync_steps(r: Run, bar) -> list[tuple[int, float]]:
+    """The synchronous RL steps (colocated, or disaggregated with ``run.pipeline = "sync"``)."""
+    curve, cfg = [], r.cfg
+    for step in range(cfg.run.steps):
+        if r.stop.requested():
+            break
+        row = rl_step(r, step)  # complete on the main rank
+        r.log.log(step, row)
+        curve.append((step, row.get("reward/mean", 0.0)))
+        bar(info=f"reward {curve[-1][1]:.3f}  {row['time/step']:.1f}s/step")
+        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
+            evaluate_heldout(r, f"step{step + 1}", step)
+    return curve
 
 
 def rl_step(r: Run, step: int) -> dict[str, float]:
@@ -153,13 +162,213 @@ def generate(r: Run, step: int) -> list:
     """This rollout rank's share of the step's prompt groups (a pure function of seed and step:
     no broadcast), run to the end of their episodes."""
     c, (dp_rank, dp_size) = r.cfg.rollout, r.plan.rollout_dp
-    groups = step_indices(len(r.task.train), c.prompts_per_step, r.cfg.run.seed, step)
+    jobs = [job for g in range(c.prompts_per_step) if g % dp_size == dp_rank for job in group_jobs(r, step, g, g)]
+    return run_episodes(r.engine, r.task.env, jobs, sampling_params(r), r.tok.encode, r.tok.decode)
+
+
+def group_jobs(r: Run, step: int, g: int, group_id: int) -> list[Job]:
+    """The G episodes of group ``g`` of ``step`` (its prompt and seeds depend on nothing else)."""
+    c = r.cfg.rollout
+    q = step_indices(len(r.task.train), c.prompts_per_step, r.cfg.run.seed, step)[g]
+    sample = r.task.train[q]
+    return [Job(group_id, j, sample, r.prompt_ids(sample), episode_seed(r.cfg.run.seed, step, g, j))
+            for j in range(c.group_size)]
+
+
+def sampling_params(r: Run) -> SamplingParams:
+    c = r.cfg.rollout
     eos = () if r.tok.eos_id is None else (r.tok.eos_id,)
-    params = SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                            max_new_tokens=c.max_new_tokens, stop_token_ids=eos)
-    jobs = [Job(g, j, r.task.train[q], r.prompt_ids(r.task.train[q]), episode_seed(r.cfg.run.seed, step, g, j))
-            for g, q in enumerate(groups) if g % dp_size == dp_rank for j in range(c.group_size)]
-    return run_episodes(r.engine, r.task.env, jobs, params, r.tok.encode, r.tok.decode)
+    return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
+                          stop_token_ids=eos)
+
+
+# -- the async pipeline (run.pipeline = "async", disaggregated) ---------------------------------
+
+
+def async_steps(r: Run, bar) -> list[tuple[int, float]]:
+    """The async pipeline: rollout ranks stream episodes (``stream_rollouts``) while the trainer
+    ranks train (``train_async``); at the end the main rank logs the merged rows, step by step."""
+    plan, out = r.plan, []
+    if plan.rollout_enabled:
+        out = [("rollout", stream_rollouts(r, bar))]
+    elif plan.trainer_enabled:
+        train_async(r)
+        if r.world.rank == plan.main_trainer:
+            out = [("trainer", [dict(row) for row in r.log.rows if "step" in row])]
+    merged, trainer_rows = RolloutState(), []
+    for kind, rows in gather_to_main(out, r.world, plan.bridge):
+        if kind == "trainer":
+            trainer_rows = rows
+        for version, sums in (rows.items() if kind == "rollout" else ()):
+            merged.add(version, sums)
+    curve = []
+    for row in trainer_rows:  # main rank only (the others received nothing)
+        step = int(row.pop("step"))
+        sums = merged.rows.get(step, {})  # what the rollout ranks did while holding version `step`
+        row.update({k: v[0] / v[1] for k, v in sums.items() if isinstance(v, tuple) and v[1] > 0})
+        busy, idle = sums.get("time/rollout_busy", 0.0), sums.get("time/rollout_idle", 0.0)
+        row.update({k: v for k, v in sums.items() if not isinstance(v, tuple)})
+        row["perf/rollout_idle_frac"] = idle / max(busy + idle, 1e-9)
+        r.log.log(step, row)
+        curve.append((step, row.get("reward/mean", 0.0)))
+    return curve
+
+
+@dataclass
+class RolloutState:
+    """A rollout rank's side of the async pipeline, explicit (what a pipeline checkpoint holds with
+    the runner's jobs): the next pipeline group to consider and the sums logged per version."""
+
+    next_group: int = 0
+    rows: dict[int, dict] = field(default_factory=dict)  # version -> name -> (sum, count) or total
+
+    def add(self, version: int, sums: dict) -> None:
+        acc = self.rows.setdefault(version, {})
+        for k, v in sums.items():
+            acc[k] = (acc.get(k, (0.0, 0.0))[0] + v[0], acc.get(k, (0.0, 0.0))[1] + v[1]) if isinstance(v, tuple) \
+                else acc.get(k, 0.0) + v
+
+
+def stream_rollouts(r: Run, bar) -> dict[int, dict]:
+    """A rollout rank of the async pipeline. Group ``i`` (group ``i % B`` of step ``i // B``, the
+    synchronous run's prompts and seeds) starts once this rank holds weights no older than
+    ``lookahead`` versions before its step; the engine steps; every ended episode is sent at once;
+    new weights are taken between engine steps (``take_weights``). Waits only when no group may
+    start. Returns its rows by version."""
+    cfg, c, plan, engine = r.cfg, r.cfg.rollout, r.plan, r.engine
+    B, (dp, R) = c.prompts_per_step, plan.rollout_dp
+    ahead = lookahead(cfg.train.schedule, c.max_staleness)
+    runner = EpisodeRunner(engine, r.task.env, sampling_params(r), r.tok.encode, r.tok.decode)
+    weights = WeightReceiver(engine.model, cfg.train.publish_bucket_mb, plan.main_trainer, plan.weight_group)
+    sender, state = TrajectorySender(plan.main_trainer, plan.stream_group), RolloutState()
+    delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
+    while True:
+        while state.next_group // B <= engine.policy_version + ahead:  # start what the bound allows
+            i = state.next_group
+            state.next_group += 1
+            if (i % B) % R == dp:
+                for job in group_jobs(r, i // B, i % B, i):
+                    runner.add(job)
+        t0 = time.perf_counter()
+        version = weights.poll(timeout=0.0 if runner.has_work() else None)  # blocks only when idle
+        if not runner.has_work():
+            state.add(engine.policy_version, {"time/rollout_idle": time.perf_counter() - t0})
+        if version == STOP:
+            break
+        if version is not None:
+            state.add(engine.policy_version, take_weights(r, weights, runner, version))
+            bar(info=f"version {version}")
+            continue
+        t0 = time.perf_counter()
+        episodes = score(runner.step(), r.reward_fn, r.tok.decode)
+        for e in episodes:
+            sender.send(episode_trajectory(e, FINISH_CODES.get(e.info.get("finish"), FINISH_ERROR)))
+        if delay:
+            time.sleep(delay)
+        sums = {"time/rollout_busy": time.perf_counter() - t0}
+        if episodes:
+            n = float(len(episodes))
+            sums.update({f"env/{k}": v for k, v in r.task.metrics(episodes).items()})
+            sums.update({"reward/sampled_mean": (sum(e.reward for e in episodes), n),
+                         "rollout/response_tokens": (float(sum(sum(e.out.generated) for e in episodes)), n),
+                         "rollout/episodes": n})
+        state.add(engine.policy_version, sums)
+    state.add(engine.policy_version, {"rollout/aborted_at_end": float(runner.abort())})
+    sender.close()
+    weights.thread.join()
+    return state.rows
+
+
+def take_weights(r: Run, weights: WeightReceiver, runner: EpisodeRunner, version: int) -> dict[str, float]:
+    """New weights between engine steps. Running requests go on with them (``rollout.inflight =
+    "continue"``, their KV cache kept or dropped for recompute by ``rollout.inflight_kv``) or start
+    again from the prompt (``"requeue"``)."""
+    c, engine = r.cfg.rollout, r.engine
+    engine.update_weights([weights.shadow], version=version)
+    weights.taken()
+    out = {"rollout/inflight_updates": float(bool(runner.jobs))}
+    if runner.jobs and c.inflight == "requeue":
+        out["rollout/requeued"] = float(runner.restart())
+    elif runner.jobs and c.inflight_kv == "recompute":
+        out["rollout/kv_recompute_tokens"] = float(engine.drop_cache())
+    return out
+
+
+def train_async(r: Run) -> None:
+    """The trainer ranks of the async pipeline: per step, the main trainer rank's ``PipelineState``
+    chooses the batch from the trajectories streamed so far (``train.schedule``, waiting only when
+    the policy must), the batch is split over the trainer ranks by group, trained as in the
+    synchronous run (``train``), and the new version published; its rows stay in memory."""
+    cfg, plan, c = r.cfg, r.plan, r.cfg.rollout
+    main = r.world.rank == plan.main_trainer
+    group = plan.group_of(plan.trainer_mesh)
+    pipe = PipelineState(cfg.train.schedule, c.prompts_per_step, c.group_size, c.max_staleness,
+                         cfg.train.bias_window) if main else None
+    rx = TrajectoryReceiver(len(plan.rollout_ranks), plan.stream_group) if main else None
+    delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
+    for step in range(cfg.run.steps):
+        if r.stop.requested(group):
+            break
+        t0 = time.perf_counter()
+        with r.timers("wait"):  # idle: the schedule waits for trajectories
+            chosen = next_batch(pipe, rx) if main else None
+        batch = scatter_batch(chosen, plan, r.tok.pad_id or 0, group)
+        stats = train(r, batch, lr_at(step, cfg.run.steps, cfg.train.lr, cfg.train.lr_schedule,
+                                      cfg.train.warmup_steps, cfg.train.min_lr_frac))
+        if delay:
+            time.sleep(delay)
+        with r.timers("publish"):
+            publish_version(r.trainer.full_weights(cfg.train.publish_bucket_mb), step + 1, plan.main_trainer,
+                            plan.weight_group, send=main)
+        if main:
+            stats.update(pipe.metrics(chosen))
+            pipe.advance()
+            n = float(len(chosen))
+            stats.update({"reward/mean": sum(t.reward for t in chosen) / n, "rollout/trained_seqs": n,
+                          "rollout/trained_response_tokens": sum(t.length for t in chosen) / n})
+        row = {**stats, **r.timers.pop(), "time/step": time.perf_counter() - t0, "policy_version": step + 1}
+        row["perf/trained_samples_per_s"] = row.get("rollout/trained_seqs", 0.0) / max(row["time/step"], 1e-9)
+        r.log.log(step, row)
+    publish_version([], STOP, plan.main_trainer, plan.weight_group, send=main)
+    if main:
+        unused = float(rx.join())  # trajectories that arrived after the last step's choice
+        if r.log.rows and "step" in r.log.rows[-1]:
+            r.log.rows[-1]["pipeline/unused_at_end"] = unused
+
+
+def next_batch(pipe: PipelineState, rx: TrajectoryReceiver, patience_s: float = 600.0) -> list:
+    """What arrived, then wait for more until the schedule can fill the step."""
+    for t in rx.drain():
+        pipe.add(t)
+    waited = 0.0
+    while (chosen := pipe.select()) is None:
+        t = rx.get(timeout=10.0)
+        if t is None:
+            waited += 10.0
+            if waited >= patience_s:
+                raise RuntimeError(f"async pipeline: no trajectory arrived for {patience_s:.0f} s at step {pipe.step} "
+                                   f"({sum(len(m) for m in pipe.pending.values())} pending, policy {pipe.policy})")
+            continue
+        waited = 0.0
+        pipe.add(t)
+        for t in rx.drain():
+            pipe.add(t)
+    return chosen
+
+
+def scatter_batch(chosen: list | None, plan: Plan, pad_id: int, group):
+    """The main trainer rank's chosen trajectories over the trainer ranks: the j-th group (in group
+    order) to trainer dp rank j % D, as the synchronous bridge sends group g to g % D."""
+    D, main = len(plan.trainer_ranks), plan.main_trainer
+    if plan.rank != main:
+        return join_rows([recv_rows(main, group)])
+    ids = sorted({t.group for t in chosen})
+    slot = {g: j % D for j, g in enumerate(ids)}
+    parts = [trajectories_to_batch([t for t in chosen if slot[t.group] == d], pad_id) for d in range(D)]
+    works = [w for d in range(1, D) for w in send_rows(parts[d], plan.trainer_ranks[d], group)]
+    for w in works:
+        w.wait()
+    return parts[0]
 
 
 def serve_reference(r: Run) -> None:

@@ -50,35 +50,41 @@ def send_groups(batch: TensorDict, trainer_ranks: list[int], group) -> None:
     D = len(trainer_ranks)
     works = []
     for t, dst in enumerate(trainer_ranks):
-        part = batch[batch[GROUP_ID] % D == t]
-        N, T = part.batch_size[0], part[TOKENS].shape[1] if part.batch_size[0] else 0
-        msgs = [torch.tensor([N, T], dtype=torch.int64)]
-        if N:
-            msgs += [_wire(part[key].to(dtype)) for key, dtype, _ in WIRE]
-        for i, m in enumerate(msgs):
-            works.append(dist.isend(m, dst=dst, group=group, tag=i))
+        works += send_rows(batch[batch[GROUP_ID] % D == t], dst, group)
     for w in works:
         w.wait()
+
+
+def send_rows(part: TensorDict, dst: int, group) -> list:
+    """Post the sends of one row set (header, then the WIRE tensors) to global rank ``dst``; returns
+    the works (their tensors stay referenced by them until they complete)."""
+    N, T = part.batch_size[0], part[TOKENS].shape[1] if part.batch_size[0] else 0
+    msgs = [torch.tensor([N, T], dtype=torch.int64)]
+    if N:
+        msgs += [_wire(part[key].to(dtype)) for key, dtype, _ in WIRE]
+    return [dist.isend(m, dst=dst, group=group, tag=i) for i, m in enumerate(msgs)]
 
 
 def recv_groups(rollout_ranks: list[int], group) -> TensorDict:
     """Trainer side: every rollout rank's rows for this trainer rank, as one right-padded batch
     ordered by (group, arrival order); N = 0 when no group falls to this rank."""
-    parts = []
-    for src in rollout_ranks:
-        header = torch.empty(2, dtype=torch.int64)
-        dist.recv(header, src=src, group=group, tag=0)
-        N, T = header.tolist()
-        if not N:
-            continue
-        td = {}
-        for i, (key, dtype, per_token) in enumerate(WIRE, start=1):
-            wire_dtype = torch.uint8 if dtype == torch.bool else dtype
-            buf = torch.empty((N, T) if per_token else (N,), dtype=wire_dtype)
-            dist.recv(buf, src=src, group=group, tag=i)
-            td[key] = buf.to(torch.bool) if dtype == torch.bool else buf
-        parts.append(td)
-    return join_rows(parts)
+    return join_rows([p for p in (recv_rows(src, group) for src in rollout_ranks) if p is not None])
+
+
+def recv_rows(src: int, group) -> dict[str, torch.Tensor] | None:
+    """The row set ``send_rows`` posted from global rank ``src`` (None when it has no rows)."""
+    header = torch.empty(2, dtype=torch.int64)
+    dist.recv(header, src=src, group=group, tag=0)
+    N, T = header.tolist()
+    if not N:
+        return None
+    td = {}
+    for i, (key, dtype, per_token) in enumerate(WIRE, start=1):
+        wire_dtype = torch.uint8 if dtype == torch.bool else dtype
+        buf = torch.empty((N, T) if per_token else (N,), dtype=wire_dtype)
+        dist.recv(buf, src=src, group=group, tag=i)
+        td[key] = buf.to(torch.bool) if dtype == torch.bool else buf
+    return td
 
 
 def join_rows(parts: list[dict[str, torch.Tensor]]) -> TensorDict:
@@ -153,14 +159,14 @@ def broadcast_weights(buckets: Iterable[dict[str, torch.Tensor]], src: int, grou
     return sent
 
 
-def receive_weights(model: torch.nn.Module, bucket_mb: float, src: int, group,
+def receive_weights(model: torch.nn.Module | dict[str, torch.Tensor], bucket_mb: float, src: int, group,
                     in_place: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Rollout side: the buckets ``broadcast_weights`` sends, as {name: tensor} for
     ``Engine.update_weights``. A bucket's lone tensor of a dtype is received straight into its
     parameter (no copy); several go through one reused staging buffer, so each yielded bucket is
     valid until the next is asked for (``update_weights`` copies it first). ``in_place=False``
     never writes the parameters (to compare what arrives with what is there)."""
-    params = dict(model.named_parameters())
+    params = dict(model) if isinstance(model, dict) else dict(model.named_parameters())
     for names in bucket_names(((n, p.numel() * p.element_size()) for n, p in params.items()), bucket_mb):
         by_dtype: dict[torch.dtype, list[str]] = {}
         for n in names:

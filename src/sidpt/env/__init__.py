@@ -8,6 +8,7 @@
   ``<answer>``), its fictional-entity task generator and SFT trajectories, EM / F1 / retrieval
   statistics.
 - ``arith``: single-turn integer arithmetic with a programmatic reward (the second environment).
+- ``echo``: copy a string of long-tailed length (the async pipeline's task: p90 / p10 response length >= 8).
 
 ``[env] name`` chooses the environment: a name in ``ENVIRONMENTS`` or the dotted path of your
 own module (a ``Config`` dataclass and ``make_task``, see ``base.Task``). ``task.reward =
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 from sidpt.errors import ConfigError
 
-ENVIRONMENTS = {"search": "sidpt.env.search", "arith": "sidpt.env.arith"}
+ENVIRONMENTS = {"search": "sidpt.env.search", "arith": "sidpt.env.arith", "echo": "sidpt.env.echo"}
 
 
 def load_environment(table: dict[str, Any]) -> tuple[ModuleType, Any]:

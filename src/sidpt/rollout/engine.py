@@ -270,6 +270,18 @@ class Engine:
         self.policy_version = self.policy_version + 1 if version is None else version
         return self.policy_version
 
+    def drop_cache(self) -> int:
+        """Free every request's KV blocks (requests keep their tokens, log-probs and versions):
+        each recomputes its cache with the current weights when next scheduled, as after a
+        preemption. The ``recompute`` answer to in-flight weights; returns the tokens to recompute."""
+        n, dropped = 0, 0
+        for s in self.seqs.values():
+            if s.blocks:
+                n, dropped = n + s.num_computed, dropped + 1
+                self._preempt(s)
+        self.stats["preemptions"] -= dropped  # not the scheduler's doing
+        return n
+
     # -- the step -------------------------------------------------------------------------------
 
     @torch.inference_mode()

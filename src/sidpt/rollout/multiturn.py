@@ -12,13 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
-import torch
 from tensordict import TensorDict
 
-from sidpt.batch import (
-    FINISH_ERROR, FINISH_REASON, GROUP_ID, LOSS_MASK, POLICY_VERSION, PROMPT_LEN, REWARD, ROLLOUT_LOGPROBS,
-    SEQ_LEN, TOKENS,
-)
+from sidpt.batch import FINISH_ERROR, Trajectory, trajectories_to_batch
 from sidpt.rollout.engine import Engine, Output, Request
 from sidpt.rollout.sampling import SamplingParams
 
@@ -47,54 +43,89 @@ class Job:
 def run_episodes(engine: Engine, env, jobs: list[Job], params: SamplingParams,
                  encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]) -> list[Episode]:
     """Run every job to the end of its episode; returns episodes in job order."""
-    states, turn_start, done = {}, {}, {}
+    runner = EpisodeRunner(engine, env, params, encode, decode)
     for j in jobs:
+        runner.add(j)
+    done = {}
+    while runner.has_work():
+        done.update((e.key, e) for e in runner.step())
+    return [done[(j.group, j.index)] for j in jobs]
+
+
+class EpisodeRunner:
+    """Episodes in flight on one engine: ``add`` jobs at any time, ``step`` returns the episodes
+    that ended. Its state is explicit (``jobs``, env states, turn starts): the running requests a
+    pipeline checkpoint captures."""
+
+    def __init__(self, engine: Engine, env, params: SamplingParams, encode: Callable[[str], list[int]],
+                 decode: Callable[[list[int]], str]):
+        self.engine, self.env, self.params, self.encode, self.decode = engine, env, params, encode, decode
+        self.jobs: dict[Hashable, Job] = {}
+        self.states: dict[Hashable, Any] = {}
+        self.turn_start: dict[Hashable, int] = {}
+
+    def add(self, j: Job) -> None:
         key = (j.group, j.index)
-        states[key] = env.reset(j.sample)
-        turn_start[key] = len(j.prompt_ids)
-        p = SamplingParams(**{**params.__dict__, "stop_strings": tuple(env.stop_strings), "seed": j.seed})
-        engine.submit(Request(key, j.prompt_ids, p))
-    while engine.has_work():
+        self.jobs[key] = j
+        self.states[key] = self.env.reset(j.sample)
+        self.turn_start[key] = len(j.prompt_ids)
+        p = SamplingParams(**{**self.params.__dict__, "stop_strings": tuple(self.env.stop_strings), "seed": j.seed})
+        self.engine.submit(Request(key, j.prompt_ids, p))
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> list[Episode]:
+        """One engine step; the episodes that ended in it (tool calls are answered and resumed)."""
+        engine, env, out_eps = self.engine, self.env, []
         for out in engine.step():
             key = out.id
-            res = env.step(states[key], decode(out.tokens[turn_start[key]:]))
+            res = env.step(self.states[key], self.decode(out.tokens[self.turn_start[key]:]))
             if not res.done:
-                obs = encode(res.observation)
+                obs = self.encode(res.observation)
                 # the episode ends as "length" when the observation would not leave room to answer
                 # (max_model_len, the cache, or max_new_tokens spent: then the engine said "length")
                 if out.finish_reason == "tool" and len(obs) <= engine.max_observation(key):
                     engine.resume(key, obs)
-                    turn_start[key] = len(out.tokens) + len(obs)
+                    self.turn_start[key] = len(out.tokens) + len(obs)
                     continue
-                res = env.end(states[key], "length")
+                res = env.end(self.states[key], "length")
             if out.finish_reason == "tool":
                 engine.release(key)
-            done[key] = Episode(key, key[0], out, float(res.reward), dict(res.info))
-    for j in jobs:
-        done[(j.group, j.index)].sample = j.sample
-    return [done[(j.group, j.index)] for j in jobs]
+            job = self.jobs.pop(key)
+            del self.states[key], self.turn_start[key]
+            out_eps.append(Episode(key, key[0], out, float(res.reward), dict(res.info), job.sample))
+        return out_eps
+
+    def restart(self) -> int:
+        """Abort every episode in flight and submit it again from its prompt (same seed, the
+        engine's current weights): the ``requeue`` answer to new weights. Returns how many."""
+        jobs = list(self.jobs.values())
+        for key in list(self.jobs):
+            self.engine.abort(key)
+        self.jobs.clear(), self.states.clear(), self.turn_start.clear()
+        for j in jobs:
+            self.add(j)
+        return len(jobs)
+
+    def abort(self) -> int:
+        """Drop every episode in flight (the run is over); returns how many."""
+        n = len(self.jobs)
+        for key in list(self.jobs):
+            self.engine.abort(key)
+        self.jobs.clear(), self.states.clear(), self.turn_start.clear()
+        return n
 
 
 def episodes_to_batch(episodes: list[Episode], finish_codes: dict[str, int], pad_id: int = 0) -> TensorDict:
     """The trajectory TensorDict (keys in ``sidpt.batch``), right-padded to the longest episode.
     ``finish_codes`` maps the env's ``info["finish"]`` to the batch's FINISH_REASON codes."""
-    N, T = len(episodes), max(len(e.out.tokens) for e in episodes)
-    tokens = torch.full((N, T), pad_id, dtype=torch.int64)
-    mask = torch.zeros(N, T, dtype=torch.bool)
-    lps = torch.zeros(N, T, dtype=torch.float32)
-    vers = torch.full((N, T), -1, dtype=torch.int32)
-    for i, e in enumerate(episodes):
-        n = len(e.out.tokens)
-        tokens[i, :n] = torch.tensor(e.out.tokens)
-        mask[i, :n] = torch.tensor(e.out.generated)
-        lps[i, :n] = torch.tensor(e.out.logprobs)
-        vers[i, :n] = torch.tensor(e.out.versions, dtype=torch.int32)
-    return TensorDict({
-        TOKENS: tokens, LOSS_MASK: mask, ROLLOUT_LOGPROBS: lps, POLICY_VERSION: vers,
-        SEQ_LEN: torch.tensor([len(e.out.tokens) for e in episodes]),
-        PROMPT_LEN: torch.tensor([e.out.prompt_len for e in episodes]),
-        GROUP_ID: torch.tensor([e.group for e in episodes]),
-        REWARD: torch.tensor([e.reward for e in episodes], dtype=torch.float32),
-        FINISH_REASON: torch.tensor([finish_codes.get(e.info.get("finish"), FINISH_ERROR) for e in episodes],
-                                    dtype=torch.int8),
-    }, batch_size=[N])
+    return trajectories_to_batch([episode_trajectory(e, finish_codes.get(e.info.get("finish"), FINISH_ERROR))
+                                  for e in episodes], pad_id)
+
+
+def episode_trajectory(e: Episode, finish_code: int) -> Trajectory:
+    """An ended episode (key = (group, index)) as one trajectory row."""
+    o = e.out
+    return Trajectory(e.key[0], e.key[1], list(o.tokens), list(o.generated), list(o.versions), list(o.logprobs),
+                      o.prompt_len, finish_code, float(e.reward))
