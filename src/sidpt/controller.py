@@ -188,11 +188,12 @@ def sampling_params(r: Run) -> SamplingParams:
 def async_steps(r: Run, bar) -> list[tuple[int, float]]:
     """The async pipeline: rollout ranks stream episodes (``stream_rollouts``) while the trainer
     ranks train (``train_async``); at the end the main rank logs the merged rows, step by step."""
-    plan, out = r.plan, []
+    plan, out, done = r.plan, [], 0  # done: the RL steps trained (every rank learns it)
     if plan.rollout_enabled:
-        out = [("rollout", stream_rollouts(r, bar))]
+        rows = stream_rollouts(r, bar)
+        out, done = [("rollout", rows)], max(rows, default=0)
     elif plan.trainer_enabled:
-        train_async(r)
+        done = train_async(r)
         if r.world.rank == plan.main_trainer:
             out = [("trainer", [dict(row) for row in r.log.rows if "step" in row])]
     merged, trainer_rows = RolloutState(), []
@@ -211,7 +212,7 @@ def async_steps(r: Run, bar) -> list[tuple[int, float]]:
         row["perf/rollout_idle_frac"] = idle / max(busy + idle, 1e-9)
         r.log.log(step, row)
         curve.append((step, row.get("reward/mean", 0.0)))
-    return curve
+    return curve if r.world.is_main else [(step, 0.0) for step in range(done)]
 
 
 @dataclass
@@ -234,13 +235,13 @@ def stream_rollouts(r: Run, bar) -> dict[int, dict]:
     synchronous run's prompts and seeds) starts once this rank holds weights no older than
     ``lookahead`` versions before its step; the engine steps; every ended episode is sent at once;
     new weights are taken between engine steps (``take_weights``). Waits only when no group may
-    start. Returns its rows by version."""
+    start. Returns its rows by version (the last one: the steps the trainer trained)."""
     cfg, c, plan, engine = r.cfg, r.cfg.rollout, r.plan, r.engine
     B, (dp, R) = c.prompts_per_step, plan.rollout_dp
     ahead = lookahead(cfg.train.schedule, c.max_staleness)
     runner = EpisodeRunner(engine, r.task.env, sampling_params(r), r.tok.encode, r.tok.decode)
     weights = WeightReceiver(engine.model, cfg.train.publish_bucket_mb, plan.main_trainer, plan.weight_group)
-    sender, state = TrajectorySender(plan.main_trainer, plan.stream_group), RolloutState()
+    sender, state = TrajectorySender(plan.main_trainer, plan.stream_groups[dp]), RolloutState()
     delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
     while True:
         while state.next_group // B <= engine.policy_version + ahead:  # start what the bound allows
@@ -294,7 +295,7 @@ def take_weights(r: Run, weights: WeightReceiver, runner: EpisodeRunner, version
     return out
 
 
-def train_async(r: Run) -> None:
+def train_async(r: Run) -> int:
     """The trainer ranks of the async pipeline: per step, the main trainer rank's ``PipelineState``
     chooses the batch from the trajectories streamed so far (``train.schedule``, waiting only when
     the policy must), the batch is split over the trainer ranks by group, trained as in the
@@ -304,7 +305,7 @@ def train_async(r: Run) -> None:
     group = plan.group_of(plan.trainer_mesh)
     pipe = PipelineState(cfg.train.schedule, c.prompts_per_step, c.group_size, c.max_staleness,
                          cfg.train.bias_window) if main else None
-    rx = TrajectoryReceiver(len(plan.rollout_ranks), plan.stream_group) if main else None
+    rx = TrajectoryReceiver(plan.rollout_ranks, plan.stream_groups) if main else None
     delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
     for step in range(cfg.run.steps):
         if r.stop.requested(group):
@@ -334,6 +335,7 @@ def train_async(r: Run) -> None:
         unused = float(rx.join())  # trajectories that arrived after the last step's choice
         if r.log.rows and "step" in r.log.rows[-1]:
             r.log.rows[-1]["pipeline/unused_at_end"] = unused
+    return sum("step" in row for row in r.log.rows)
 
 
 def next_batch(pipe: PipelineState, rx: TrajectoryReceiver, patience_s: float = 600.0) -> list:

@@ -152,6 +152,8 @@ class PipelineState:
         for d in range(k + 1):
             out[f"staleness/tokens_{d}"] = float(sum(a == d for a in ages))
         out["staleness/max"] = float(max(ages, default=0))
+        out["staleness/mixed_seqs"] = float(sum(len({v for v, m in zip(t.versions, t.loss_mask) if m}) > 1
+                                                for t in chosen))  # sampled by more than one version
         out["staleness/mean"] = sum(ages) / max(len(ages), 1)
         win = {kind: [(n, r) for _, kd, n, r in self.events if kd == kind] for kind in ("sampled", "trained")}
         for name, col in (("length", 0), ("reward", 1)):

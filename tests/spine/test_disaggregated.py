@@ -49,5 +49,5 @@ def test_disaggregated_equals_colocated(tmp_path, rollout, trainer):
     assert_series(series, json.loads(GOLDEN.read_text())["float64"], 1e-6, f"disaggregated {rollout}+{trainer}")
     rl = [row for row in rows if "loss/total" in row]
     assert [row["publish/weights_max_abs"] for row in rl] == [0.0] * len(rl)  # bitwise, every publish
-    assert all(row["policy_version"] == row["step"] + 2 for row in rl)  # init, warm-start, then one per step
+    assert all(row["policy_version"] == row["step"] + 1 for row in rl)  # 0 after the warm-start, then one per step
     assert all(row["rollout/episodes"] == 32 for row in rl)  # 8 groups x 4, over all rollout ranks

@@ -44,7 +44,7 @@ class Plan:
     bridge: object = None  # process group: rollout + trainer ranks (disaggregated)
     weight_group: object = None  # process group: trainer rank 0 + rollout ranks (disaggregated)
     ref_group: object = None  # process group: trainer + reference ranks (reference on its own ranks)
-    stream_group: object = None  # process group: trainer rank 0 + rollout ranks, for the async trajectory stream
+    stream_groups: list | None = None  # per rollout rank: a process group of it and trainer rank 0 (async stream)
 
     @property
     def disaggregated(self) -> bool:
@@ -123,8 +123,8 @@ def build_plan(world: World, placement: str = "colocated", rollout_ranks: int = 
     plan.rollout_mesh, plan.trainer_mesh = mesh(roll), mesh(train)
     plan.bridge = dist.new_group(roll + train)
     plan.weight_group = dist.new_group([train[0]] + roll)
-    # the async pipeline's trajectory stream: received by a thread of its own, so a group of its own
-    plan.stream_group = dist.new_group([train[0]] + roll)
+    # the async pipeline's trajectory streams: one receiver thread per rollout rank, each on a group of its own
+    plan.stream_groups = [dist.new_group([train[0], k]) for k in roll]
     if reference_ranks:
         plan.ref_group = dist.new_group(train + ref)
     return plan

@@ -6,8 +6,9 @@ process group of its own and hands what arrives to the main thread; the main thr
 on the other role except where the staleness bound says they must.
 
 **Trajectories, rollout -> main trainer** (``TrajectorySender`` / ``TrajectoryReceiver``, on the
-Plan's ``stream_group``): one message per finished trajectory, posted with ``isend`` (the buffers
-live until the send completes), received from any rollout rank in arrival order:
+Plan's ``stream_groups``, one two-rank group per rollout rank): one message per finished
+trajectory, posted with ``isend`` (the buffers live until the send completes), received by one
+thread per rollout rank into one queue, in arrival order:
 
     header  int64 [6]         kind (1 trajectory, 2 end of stream), group, index, T, prompt_len, finish_reason
     ints    int64 [3, T]      tokens, loss_mask, policy_version (of the token's sampling weights, -1 if not sampled)
@@ -63,33 +64,32 @@ class TrajectorySender:
 
 
 class TrajectoryReceiver:
-    """Main trainer side: a thread receives trajectories from any rollout rank into ``queue``
-    until every rollout rank has ended its stream."""
+    """Main trainer side: one thread per rollout rank receives its trajectories into ``queue``
+    until that rank ends its stream."""
 
-    def __init__(self, n_senders: int, group):
+    def __init__(self, srcs: list[int], groups: list):
         self.queue: queue.Queue[Trajectory] = queue.Queue()
-        self.n_senders, self.group = n_senders, group
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="sidpt-trajectories", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._loop, args=(src, g), name=f"sidpt-trajectories-{src}",
+                                         daemon=True) for src, g in zip(srcs, groups)]
+        for t in self.threads:
+            t.start()
 
-    def _loop(self) -> None:
+    def _loop(self, src: int, group) -> None:
         try:
-            ended = 0
-            while ended < self.n_senders:
+            while True:
                 header = torch.empty(6, dtype=torch.int64)
-                src = dist.recv(header, group=self.group, tag=0)  # any rollout rank
+                dist.recv(header, src=src, group=group, tag=0)
                 kind, g, j, T, P, fin = header.tolist()
                 if kind == END:
-                    ended += 1
-                    continue
+                    return
                 ints, floats = torch.empty(3, T, dtype=torch.int64), torch.empty(T + 1, dtype=torch.float32)
-                dist.recv(ints, src=src, group=self.group, tag=1)
-                dist.recv(floats, src=src, group=self.group, tag=2)
+                dist.recv(ints, src=src, group=group, tag=1)
+                dist.recv(floats, src=src, group=group, tag=2)
                 tok, mask, ver = ints.tolist()
                 self.queue.put(Trajectory(g, j, tok, [bool(m) for m in mask], ver, floats[:T].tolist(), P, fin,
                                           float(floats[T])))
-        except BaseException as e:  # surfaced by get(); the process is going down anyway
+        except BaseException as e:  # surfaced by get() and join()
             self.error = e
 
     def get(self, timeout: float | None = None) -> Trajectory | None:
@@ -111,7 +111,8 @@ class TrajectoryReceiver:
 
     def join(self) -> int:
         """Wait for every END; returns how many trajectories arrived unused after the last step."""
-        self.thread.join()
+        for t in self.threads:
+            t.join()
         if self.error is not None:
             raise RuntimeError("the trajectory stream failed") from self.error
         return len(self.drain())
