@@ -153,6 +153,10 @@ class RolloutConfig:
     """Async pipeline: no trained token was sampled by weights more than this many versions older
     than the trainer's (0: the synchronous run, step for step). Rollout ranks wait rather than
     start groups that could exceed it (``sidpt.schedule``)."""
+    assign: Literal["claim", "static"] = "claim"
+    """Async pipeline: which rollout rank runs which prompt group. claim: each rank takes the next
+    group when it can start one (a fast rank runs more, a slow one holds back only its own);
+    static: group g of a step on rank g % R, as the synchronous run places them."""
     inflight: Literal["continue", "requeue"] = "continue"
     """Async pipeline: what running requests do when new weights arrive between decode steps.
     continue: go on with the new weights (each token records the version that sampled it);

@@ -37,7 +37,7 @@ from sidpt.checkpoint import save_policy
 from sidpt.config import Config, ConfigError
 from sidpt.data import episode_seed, step_indices
 from sidpt.dist.plan import Plan, build_plan
-from sidpt.dist.stream import STOP, TrajectoryReceiver, TrajectorySender, WeightReceiver, publish_version
+from sidpt.dist.stream import STOP, GroupClaims, TrajectoryReceiver, TrajectorySender, WeightReceiver, publish_version
 from sidpt.dist.transfer import (
     broadcast_weights, join_rows, receive_weights, recv_groups, recv_rows, request_ref_logprobs, send_groups,
     send_rows, serve_ref_logprobs,
@@ -218,9 +218,9 @@ def async_steps(r: Run, bar) -> list[tuple[int, float]]:
 @dataclass
 class RolloutState:
     """A rollout rank's side of the async pipeline, explicit (what a pipeline checkpoint holds with
-    the runner's jobs): the next pipeline group to consider and the sums logged per version."""
+    the runner's jobs): the group claimed next and the sums logged per version."""
 
-    next_group: int = 0
+    claimed: int | None = None  # the next group this rank runs, waiting for recent enough weights
     rows: dict[int, dict] = field(default_factory=dict)  # version -> name -> (sum, count) or total
 
     def add(self, version: int, sums: dict) -> None:
@@ -232,8 +232,8 @@ class RolloutState:
 
 def stream_rollouts(r: Run, bar) -> dict[int, dict]:
     """A rollout rank of the async pipeline. Group ``i`` (group ``i % B`` of step ``i // B``, the
-    synchronous run's prompts and seeds) starts once this rank holds weights no older than
-    ``lookahead`` versions before its step; the engine steps; every ended episode is sent at once;
+    synchronous run's prompts and seeds; which rank runs it: ``rollout.assign``) starts once this
+    rank holds weights no older than ``lookahead`` versions before its step; the engine steps; every ended episode is sent at once;
     new weights are taken between engine steps (``take_weights``). Waits only when no group may
     start. Returns its rows by version (the last one: the steps the trainer trained)."""
     cfg, c, plan, engine = r.cfg, r.cfg.rollout, r.plan, r.engine
@@ -242,14 +242,22 @@ def stream_rollouts(r: Run, bar) -> dict[int, dict]:
     runner = EpisodeRunner(engine, r.task.env, sampling_params(r), r.tok.encode, r.tok.decode)
     weights = WeightReceiver(engine.model, cfg.train.publish_bucket_mb, plan.main_trainer, plan.weight_group)
     sender, state = TrajectorySender(plan.main_trainer, plan.stream_groups[dp]), RolloutState()
+    claims = GroupClaims(c.assign, B, dp, R, c.max_staleness)
+    share = -(-(ahead + 1) * B // R) * c.group_size  # its share of the groups the bound lets start
     delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
     while True:
-        while state.next_group // B <= engine.policy_version + ahead:  # start what the bound allows
-            i = state.next_group
-            state.next_group += 1
-            if (i % B) % R == dp:
-                for job in group_jobs(r, i // B, i % B, i):
-                    runner.add(job)
+        # start what the bound allows: the next group this rank runs, once its weights are recent
+        # enough, while this rank runs less than its share and keeps pace (``GroupClaims.may_claim``)
+        while (len(runner.jobs) < share and claims.may_claim()) or state.claimed is not None:
+            if state.claimed is None:
+                state.claimed = claims.next()
+            i = state.claimed
+            if i // B > engine.policy_version + ahead:
+                break
+            for job in group_jobs(r, i // B, i % B, i):
+                runner.add(job)
+            claims.started(i)
+            state.claimed = None
         t0 = time.perf_counter()
         version = weights.poll(timeout=0.0 if runner.has_work() else None)  # blocks only when idle
         if not runner.has_work():
@@ -257,6 +265,7 @@ def stream_rollouts(r: Run, bar) -> dict[int, dict]:
         if version == STOP:
             break
         if version is not None:
+            claims.version()
             state.add(engine.policy_version, take_weights(r, weights, runner, version))
             bar(info=f"version {version}")
             continue
@@ -264,6 +273,7 @@ def stream_rollouts(r: Run, bar) -> dict[int, dict]:
         episodes = score(runner.step(), r.reward_fn, r.tok.decode)
         for e in episodes:
             sender.send(episode_trajectory(e, FINISH_CODES.get(e.info.get("finish"), FINISH_ERROR)))
+            claims.finished(e.key[0], group_done=not any(key[0] == e.key[0] for key in runner.jobs))
         if delay:
             time.sleep(delay)
         sums = {"time/rollout_busy": time.perf_counter() - t0}
@@ -285,8 +295,7 @@ def take_weights(r: Run, weights: WeightReceiver, runner: EpisodeRunner, version
     "continue"``, their KV cache kept or dropped for recompute by ``rollout.inflight_kv``) or start
     again from the prompt (``"requeue"``)."""
     c, engine = r.cfg.rollout, r.engine
-    engine.update_weights([weights.shadow], version=version)
-    weights.taken()
+    weights.take(engine)  # the newest version (``version`` or one published since)
     out = {"rollout/inflight_updates": float(bool(runner.jobs))}
     if runner.jobs and c.inflight == "requeue":
         out["rollout/requeued"] = float(runner.restart())

@@ -15,7 +15,7 @@ def test_response_lengths_are_long_tailed():
     lengths = sorted(len(p.letters) + 1 for p in task.train)
     q = statistics.quantiles(lengths, n=10)
     assert q[-1] / q[0] >= 8, q
-    assert min(lengths) == 2 and max(lengths) == 49
+    assert min(lengths) <= 3 and max(lengths) == 49  # the 12 one-letter strings go to held-out and SFT first
 
 
 def test_problems_are_distinct_and_deterministic():

@@ -14,17 +14,25 @@ thread per rollout rank into one queue, in arrival order:
     ints    int64 [3, T]      tokens, loss_mask, policy_version (of the token's sampling weights, -1 if not sampled)
     floats  float32 [T + 1]   rollout log-probs, then the reward
 
+**Which rollout rank runs which group** (``GroupClaims``): ``claim`` (default) takes the next
+group index from a counter in torch.distributed's own rendezvous store (one atomic ``add`` per
+group: control, not data), so a fast rank runs more groups and a slow one holds back only the
+groups it took; ``static`` puts group ``i`` on rank ``(i % B) % R``, as the synchronous run does.
+
 **Weights, main trainer -> rollout** (``publish_version`` / ``WeightReceiver``, on ``weight_group``):
 a version header (int64 [1]; -1: the run is over) broadcast from the main trainer rank, then the
-buckets of ``broadcast_weights``. A rollout rank's thread receives them into a shadow copy of the
-engine's weights and waits until the main thread has copied them into the engine (``poll``,
-between decode steps), so the next publish never overwrites weights still being copied.
+buckets of ``broadcast_weights``. A rollout rank's thread receives them into a back buffer and
+swaps it with the front one; the main thread copies the newest front into the engine between
+decode steps (``poll``, ``take``). The thread never waits for the main thread, so a slow rollout
+rank cannot hold a publish back (it skips to the newest version); the cost is two copies of the
+weights beside the engine's.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from typing import Iterable
 
@@ -36,6 +44,66 @@ from sidpt.dist.transfer import broadcast_weights, receive_weights
 
 TRAJECTORY, END = 1, 2
 STOP = -1  # the version header that ends the run
+
+
+class GroupClaims:
+    """The pipeline group indices this rollout rank runs, in increasing order (see the module
+    docstring). In ``claim`` mode a rank also paces itself: it claims a group only while its
+    trajectories' latency (from its group's start to its end: the p90 of the last 32, or the age of
+    its oldest group still running if larger) is at most
+    ``SLACK x (k + 1)`` trainer steps (the mean interval between the versions it receives, or the
+    time since the last one if longer). A rank much slower than the trainer (a sick host, an
+    injected delay) then stops taking groups, which it would finish only after the bound (dropped,
+    or holding a never-discard schedule back), and the other ranks run them; when the trainer
+    waits, the time since its last version grows and the rank claims again, so the pacing never
+    deadlocks. Until one of its trajectories has ended, a rank runs one group at a time: a slow
+    rank's first claims would otherwise hold a whole share of the admission window."""
+
+    KEY = "sidpt/async/next_group"
+    SLACK = 4.0
+
+    def __init__(self, mode: str, B: int, dp: int, R: int, k: int):
+        self.mode, self.B, self.dp, self.R, self.k, self.last = mode, B, dp, R, k, -1
+        self.store = dist.distributed_c10d._get_default_store() if mode == "claim" else None
+        self.start: dict[int, float] = {}
+        self.latencies: deque = deque(maxlen=32)
+        self.period: float | None = None
+        self.last_version = time.perf_counter()
+
+    def next(self) -> int:
+        if self.store is not None:
+            self.last = self.store.add(self.KEY, 1) - 1  # atomic over the ranks: each index to one rank
+            return self.last
+        i = self.last + 1
+        while (i % self.B) % self.R != self.dp:
+            i += 1
+        self.last = i
+        return i
+
+    def started(self, i: int) -> None:
+        self.start[i] = time.perf_counter()
+
+    def finished(self, i: int, group_done: bool) -> None:
+        if i in self.start:  # (several samples of a group can end in one engine step)
+            self.latencies.append(time.perf_counter() - self.start[i])
+        if group_done:
+            self.start.pop(i, None)
+
+    def version(self) -> None:
+        now = time.perf_counter()
+        gap, self.last_version = now - self.last_version, now
+        self.period = gap if self.period is None else 0.7 * self.period + 0.3 * gap
+
+    def may_claim(self) -> bool:
+        if self.store is None:
+            return True
+        if not self.latencies:  # nothing measured yet: one group at a time until a trajectory ends
+            return not self.start
+        if self.period is None:
+            return True
+        now = time.perf_counter()
+        lat = max([now - t for t in self.start.values()] + sorted(self.latencies)[int(0.9 * (len(self.latencies) - 1)):][:1])
+        return lat <= self.SLACK * (self.k + 1) * max(self.period, time.perf_counter() - self.last_version)
 
 
 class TrajectorySender:
@@ -129,14 +197,19 @@ def publish_version(buckets: Iterable[dict[str, torch.Tensor]], version: int, sr
 
 
 class WeightReceiver:
-    """Rollout side: a thread receives each published version into a shadow copy of the weights;
-    ``poll`` hands the newest to the main thread (between decode steps)."""
+    """Rollout side: a thread receives each published version into a back buffer and swaps it to
+    the front; ``take`` copies the newest front into the engine between decode steps. The thread
+    never waits for the main thread (only for the lock of a copy in progress), so a slow rollout
+    rank never holds a publish back: it skips to the newest version instead."""
 
     def __init__(self, model: torch.nn.Module, bucket_mb: float, src: int, group):
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.front = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.back = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.bucket_mb, self.src, self.group = bucket_mb, src, group
-        self.ready, self.consumed = threading.Event(), threading.Event()
-        self.version: int | None = None
+        self.lock, self.ready = threading.Lock(), threading.Event()
+        self.front_version: int | None = None  # the version in ``front``
+        self.taken: int | None = None  # the last version copied into the engine
+        self.stopped = False
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="sidpt-weights", daemon=True)
         self.thread.start()
@@ -148,29 +221,39 @@ class WeightReceiver:
                 dist.broadcast(header, src=self.src, group=self.group)
                 version = int(header)
                 if version != STOP:
-                    for bucket in receive_weights(self.shadow, self.bucket_mb, self.src, self.group):
+                    for bucket in receive_weights(self.back, self.bucket_mb, self.src, self.group):
                         for name, t in bucket.items():
-                            if t.data_ptr() != self.shadow[name].data_ptr():
-                                self.shadow[name].copy_(t)
-                self.version = version
-                self.consumed.clear()
-                self.ready.set()
+                            if t.data_ptr() != self.back[name].data_ptr():
+                                self.back[name].copy_(t)
+                with self.lock:
+                    if version == STOP:
+                        self.stopped = True
+                    else:
+                        self.front, self.back, self.front_version = self.back, self.front, version
+                    self.ready.set()
                 if version == STOP:
                     return
-                self.consumed.wait()
         except BaseException as e:
             self.error = e
             self.ready.set()
 
     def poll(self, timeout: float | None = 0.0) -> int | None:
-        """The version waiting to be taken (after up to ``timeout`` seconds; None: wait forever), or
-        None. The caller copies ``shadow`` into its engine, then calls ``taken``."""
+        """The newest version not taken yet, STOP once every version was taken and the run is
+        over, or None (after up to ``timeout`` seconds; None: wait for one of the two)."""
         if not self.ready.wait(timeout):
             return None
         if self.error is not None:
             raise RuntimeError("the weight stream failed") from self.error
-        return self.version
+        with self.lock:
+            if self.front_version != self.taken:
+                return self.front_version
+            return STOP if self.stopped else None
 
-    def taken(self) -> None:
-        self.ready.clear()
-        self.consumed.set()
+    def take(self, engine) -> int:
+        """Copy the newest version into ``engine`` (``update_weights``); returns it."""
+        with self.lock:
+            engine.update_weights([self.front], version=self.front_version)
+            self.taken = self.front_version
+            if not self.stopped:
+                self.ready.clear()
+            return self.taken
