@@ -151,6 +151,23 @@ def test_choice_lists_equal_the_roles_own():
     assert typing.get_args(hints["correction"]) == CORRECTION_MODES
     prec = typing.get_args(typing.get_type_hints(RolloutConfig)["precision"])
     assert prec == ("native", *(f"emulated-{f}" for f in FORMATS))
+    from sidpt.config import TrainConfig
+    from sidpt.schedule import POLICIES
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["schedule"]) == POLICIES
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--run.placement=colocated", r"run.placement='colocated': run.pipeline='async' runs on disaggregated placement"),
+    ("--run.eval_every=2", r"run.eval_every=2: run.pipeline='async'"),
+    ("--run.verify_publish=true", r"run.verify_publish=True: run.pipeline='async'"),
+    ("--rollout.max_staleness=-1", r"rollout.max_staleness=-1: must be >= 0"),
+    ("--train.schedule=lifo", r"train.schedule: expected one of 'fifo', .* got 'lifo'"),
+])
+def test_async_pipeline_refuses_what_it_cannot_run(override, match):
+    base = ["--run.pipeline=async", "--run.placement=disaggregated", "--run.rollout_ranks=1"]
+    with pytest.raises(ConfigError, match=match):
+        load_config(ROOT / "configs" / "echo.toml", [*base, override])
+    assert load_config(ROOT / "configs" / "echo.toml", base).run.pipeline == "async"
 
 
 def test_config_path_that_is_not_a_config_file(tmp_path):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.spine.test_disaggregated import _free_port
-from tests.spine.test_golden import GOLDEN, KEYS, OVERRIDES, ROOT, assert_series
+from tests.spine.test_disaggregated import _free_port, golden_series
+from tests.spine.test_golden import GOLDEN, OVERRIDES, ROOT, assert_series
 
 ASYNC = ["--run.placement=disaggregated", "--run.pipeline=async"]
 
@@ -39,13 +39,7 @@ def torchrun(out: Path, nproc: int, config: str, args: list[str]) -> list[dict]:
 def test_staleness_zero_is_the_synchronous_run(tmp_path):
     rows = torchrun(tmp_path, 2, "configs/debug.toml", [*OVERRIDES, "--model.dtype=float64", f"--env.dir={tmp_path / 'task'}",
                                                         *ASYNC, "--run.rollout_ranks=1", "--rollout.max_staleness=0"])
-    series: dict[str, list[float]] = {}
-    for row in rows:
-        for axis, keys in KEYS.items():
-            if axis in row and (axis == "sft_step" or "loss/total" in row):
-                for k in keys:
-                    series.setdefault(k, []).append(row[k])
-    assert_series(series, json.loads(GOLDEN.read_text())["float64"], 1e-6, "async, max_staleness 0")
+    assert_series(golden_series(rows), json.loads(GOLDEN.read_text())["float64"], 1e-6, "async, max_staleness 0")
     rl = [row for row in rows if "loss/total" in row]
     assert all(row["staleness/max"] == 0 and row["staleness/tokens_0"] == row["train/tokens"] for row in rl)
     assert all(row["rollout/trained_seqs"] == 32 for row in rl)  # 8 groups x 4 per step

@@ -36,17 +36,22 @@ def disaggregated_run(out: Path, rollout: int, trainer: int) -> list[dict]:
     return [json.loads(line) for line in (out / "golden" / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("rollout, trainer", [
-    (1, 1), pytest.param(1, 2, marks=pytest.mark.slow), pytest.param(2, 2, marks=pytest.mark.slow)])
-def test_disaggregated_equals_colocated(tmp_path, rollout, trainer):
-    rows = disaggregated_run(tmp_path, rollout, trainer)
+def golden_series(rows: list[dict]) -> dict[str, list[float]]:
+    """The per-step values of KEYS (SFT rows and RL rows that trained) from metrics.jsonl rows."""
     series: dict[str, list[float]] = {}
     for row in rows:
         for axis, keys in KEYS.items():
             if axis in row and (axis == "sft_step" or "loss/total" in row):
                 for k in keys:
                     series.setdefault(k, []).append(row[k])
-    assert_series(series, json.loads(GOLDEN.read_text())["float64"], 1e-6, f"disaggregated {rollout}+{trainer}")
+    return series
+
+
+@pytest.mark.parametrize("rollout, trainer", [
+    (1, 1), pytest.param(1, 2, marks=pytest.mark.slow), pytest.param(2, 2, marks=pytest.mark.slow)])
+def test_disaggregated_equals_colocated(tmp_path, rollout, trainer):
+    rows = disaggregated_run(tmp_path, rollout, trainer)
+    assert_series(golden_series(rows), json.loads(GOLDEN.read_text())["float64"], 1e-6, f"disaggregated {rollout}+{trainer}")
     rl = [row for row in rows if "loss/total" in row]
     assert [row["publish/weights_max_abs"] for row in rl] == [0.0] * len(rl)  # bitwise, every publish
     assert all(row["policy_version"] == row["step"] + 1 for row in rl)  # 0 after the warm-start, then one per step
