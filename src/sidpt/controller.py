@@ -17,7 +17,10 @@ its roles (``Plan.rollout_enabled``, ``trainer_enabled``) and the collectives th
 Colocated: every role on every rank; each rank trains the groups it generated. Disaggregated
 (``run.placement``): rollout ranks generate and send finished groups (``sidpt.dist.transfer``),
 trainer ranks train and broadcast the new weights, synchronously: the rollout ranks have the new
-weights before they start the next step (the async pipeline is issue 18).
+weights before they start the next step. ``run.pipeline = "async"``: the same step body on the
+trainer ranks (``train_async``), whose batch ``sidpt.schedule`` picks from the trajectories the
+rollout ranks stream while they keep generating (``stream_rollouts``) under
+``rollout.max_staleness``, taking new weights between decode steps (docs/async.md).
 """
 
 from __future__ import annotations
