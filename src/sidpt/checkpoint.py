@@ -1,16 +1,27 @@
-"""What a run saves of its policy: an HF checkpoint (config.json, safetensors, tokenizer files)."""
+"""What a run saves: its policy as an HF checkpoint (config.json, safetensors, tokenizer files),
+and training checkpoints to resume from (``save_training_state``, ``newest_checkpoint``)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from sidpt.files import atomic_write
 from sidpt.model import save_checkpoint
 
 
 def save_policy(full_weights, tok, args, out: Path, write: bool) -> None:
     """The trained policy as an HF checkpoint, written atomically (``write``: the main trainer
     rank) from the trainer's full-weight buckets (``Trainer.full_weights``: collective on the
-    trainer mesh, every trainer rank iterates to the end). DCP sharded saves: issue 19."""
+    trainer mesh, every trainer rank iterates to the end)."""
     state = {}
     for bucket in full_weights:
         if write:
@@ -19,3 +30,107 @@ def save_policy(full_weights, tok, args, out: Path, write: bool) -> None:
         extra = {n: tok.path / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                                            "chat_template.jinja") if (tok.path / n).exists()}
         save_checkpoint(out, args, state, extra_files=extra)
+
+
+# -- training checkpoints (resume) ------------------------------------------------------------
+#
+#   <run_dir>/checkpoints/step_000006/      a complete checkpoint: RL steps 0..5 done
+#       __0_0.distcp ..., .metadata          torch.distributed.checkpoint: model + AdamW, sharded
+#       controller.json                      step, policy version
+#       rng_rank<r>.pt                       every trainer rank's torch RNG state
+#       manifest.json                        sha256 and size of every file above (written last)
+#
+# Written under ``.tmp-step_...`` by the trainer ranks, then renamed by the main trainer rank once
+# the manifest is in: a checkpoint directory without a valid manifest is incomplete. The prompt
+# stream needs no state of its own: a step's prompts and episode seeds are functions of (seed,
+# step) (``data.step_indices``, ``data.episode_seed``), and the learning rate of the step
+# (``trainer.lr_at``), so the step is the cursor.
+
+MANIFEST = "manifest.json"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int, main: bool, group) -> Path:
+    """The trainer's state after ``step`` RL steps (collective on the trainer ranks ``group``);
+    the main trainer rank writes the manifest, publishes the directory by rename and keeps the
+    newest ``keep``."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    if main:
+        atomic_write(tmp / "controller.json", json.dumps({"step": step, "policy_version": step}))
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(final.parent.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    return final
+
+
+def verify(path: Path) -> str | None:
+    """None when ``path`` is a complete checkpoint (every file of its manifest, size and sha256),
+    else what is wrong with it."""
+    m = path / MANIFEST
+    if not m.exists():
+        return "no manifest.json (the write did not finish)"
+    try:
+        manifest = json.loads(m.read_text())
+    except ValueError as e:
+        return f"manifest.json unreadable ({e})"
+    for name, want in manifest.items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_checkpoint(run_dir: Path, report) -> Path | None:
+    """The newest complete checkpoint under ``run_dir``; an incomplete or corrupted one is
+    reported by name (``report(text)``) and skipped."""
+    for path in sorted((Path(run_dir) / "checkpoints").glob("step_*"), reverse=True):
+        problem = verify(path)
+        if problem is None:
+            return path
+        report(f"checkpoint {path} skipped: {problem}")
+    return None
+
+
+def load_training_state(trainer, path: Path, rank: int, group) -> int:
+    """Load ``path`` into the trainer (model, AdamW, this rank's RNG); returns the step."""
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path), process_group=group)
+    set_state_dict(trainer.model, trainer.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.exists():
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+    return int(json.loads((path / "controller.json").read_text())["step"])

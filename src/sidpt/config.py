@@ -54,11 +54,25 @@ class RunConfig:
     the next step's groups; async: rollout ranks keep generating while the trainer trains, under
     ``rollout.max_staleness``, with in-flight weight updates (``rollout.inflight``) and the
     trainer's batch chosen by ``train.schedule`` (``sidpt.schedule``)."""
+    checkpoint_every: int = 0
+    """Save a training checkpoint (model, AdamW, RNG, step: ``sidpt.checkpoint``) every this many
+    RL steps, under <run dir>/checkpoints/ (0: none)."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints."""
+    resume: Literal["never", "auto"] = "never"
+    """auto: continue from the newest complete checkpoint in the run directory (an incomplete or
+    corrupted one is reported and skipped; a directory written by another config is refused,
+    naming the keys that differ); never: start from scratch."""
     delay_rank: int = -1
     """Fault injection for tests and benchmarks: the global rank that sleeps ``delay_s`` per engine
     step (a rollout rank) or per RL update (a trainer rank); -1: none."""
     delay_s: float = 0.0
     """Seconds of the injected delay (``delay_rank``)."""
+    kill_rank: int = -1
+    """Fault injection: the global rank that kills itself (SIGKILL) after RL step ``kill_step``, on
+    the first attempt of an elastic job only (torchrun's TORCHELASTIC_RESTART_COUNT = 0); -1: none."""
+    kill_step: int = 0
+    """The RL step after which ``kill_rank`` dies."""
     rollout_ranks: int = 0
     """Ranks given to rollout when disaggregated (the first ones; 0 when colocated: all ranks)."""
     reference_ranks: int = 0
@@ -328,6 +342,12 @@ class Config:
                 raise ConfigError(f"{k}={getattr(getattr(self, k.split('.')[0]), k.split('.')[1])!r}: "
                                   f"run.pipeline='async' runs on disaggregated placement (the reference on the trainer "
                                   f"ranks), without the publish check, mid-run evaluations and the speculative engine")
+        if (self.run.checkpoint_every or self.run.resume == "auto") and (
+                self.run.pipeline == "async" or self.run.reference_ranks):
+            k = "run.pipeline" if self.run.pipeline == "async" else "run.reference_ranks"
+            raise ConfigError(f"{k}={getattr(self.run, k.split('.')[1])!r}: training checkpoints cover the "
+                              f"synchronous pipeline with the reference on the trainer ranks (not yet the async "
+                              f"pipeline's state or reference ranks of their own)")
         if self.train.min_lr_frac > 1:
             raise ConfigError(f"train.min_lr_frac={self.train.min_lr_frac}: must be <= 1 (a fraction of the peak lr)")
         if self.algo.eps_low >= 1:
@@ -345,7 +365,8 @@ RANGES = {
     "train.publish_bucket_mb": 0.0, "sft.steps": 0, "sft.lr": 0.0, "sft.batch_size": 1, "sft.n_trajectories": 1,
     "sft.context_weight": 0.0, "train.warmup_steps": 0, "sft.warmup_steps": 0, "train.min_lr_frac": 0.0,
     "rollout.speculative": 0, "rollout.max_staleness": 0, "train.bias_window": 1, "run.delay_s": 0.0,
-    "run.delay_rank": -1,
+    "run.delay_rank": -1, "run.checkpoint_every": 0, "run.keep_checkpoints": 1,
+    "run.kill_rank": -1, "run.kill_step": 0,
 }
 POSITIVE = {"rollout.kv_cache_mb", "train.lr", "sft.lr", "train.grad_clip", "train.publish_bucket_mb"}
 GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # advantages relative to the group
@@ -592,3 +613,13 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``section.key -> value`` for every field (the [env] table's keys as ``env.<key>``)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        items = v.items() if isinstance(v, dict) else ((g.name, getattr(v, g.name)) for g in dataclasses.fields(v))
+        out.update((f"{f.name}.{k}", x) for k, x in items)
+    return out

@@ -25,7 +25,9 @@ rollout ranks stream while they keep generating (``stream_rollouts``) under
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sidpt.batch import ADVANTAGES, FINISH_ERROR, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, trajectories_to_batch
-from sidpt.checkpoint import save_policy
+from sidpt.checkpoint import load_training_state, newest_checkpoint, save_policy, save_training_state
 from sidpt.config import Config, ConfigError
 from sidpt.data import episode_seed, step_indices
 from sidpt.dist.plan import Plan, build_plan
@@ -106,7 +108,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                   f"{count_params(policy) / 1e6:.2f}M params, vocab {policy.args.vocab_size}; run dir {run_dir}")
     console.print(threads_note(threads, local_ranks))
     publish(r, version=0)
-    if cfg.sft.steps:
+    start = resume(r)  # the RL steps a checkpoint already holds (run.resume; 0: a fresh run)
+    if cfg.sft.steps and not start:
         if r.trainer:
             rows = sft_rows(task, prompt_ids, tok, cfg.sft.n_trajectories, cfg.run.seed)
             with _progress(console, "SFT warm-start", cfg.sft.steps) as bar:
@@ -116,21 +119,24 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         replay_sft_rows(r)
         publish(r, version=0)  # version 0: the policy RL starts from (step s samples with version s)
         sync_reference(r)
-    results = {"before": evaluate_heldout(r, "before", 0)}
+    first = "resumed" if start else "before"
+    results = {first: evaluate_heldout(r, first, start)}
     if world.is_main:  # the main rank rolls out in every placement: it holds the evaluation
-        console.print(f"held-out before RL: {describe(results['before'], task.eval_columns)}")
-    with _progress(console, "GRPO", cfg.run.steps) as bar:
-        curve = (async_steps if cfg.run.pipeline == "async" else sync_steps)(r, bar)
+        console.print(f"held-out {'at resume (step ' + str(start) + ')' if start else 'before RL'}: "
+                      f"{describe(results[first], task.eval_columns)}")
+    with _progress(console, "GRPO", cfg.run.steps - start) as bar:
+        curve = async_steps(r, bar) if cfg.run.pipeline == "async" else sync_steps(r, bar, start)
     if curve:  # an eval-only run (no RL step) evaluates once: no "after" identical to "before"
-        results["after"] = evaluate_heldout(r, "after", len(curve))
+        results["after"] = evaluate_heldout(r, "after", curve[-1][0] + 1)
     finish(r, results, curve, policy.args)
     return results
 
 
-def sync_steps(r: Run, bar) -> list[tuple[int, float]]:
-    """The synchronous RL steps (colocated, or disaggregated with ``run.pipeline = "sync"``)."""
+def sync_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
+    """The synchronous RL steps (colocated, or disaggregated with ``run.pipeline = "sync"``) from
+    ``start``, with a training checkpoint every ``run.checkpoint_every`` steps."""
     curve, cfg = [], r.cfg
-    for step in range(cfg.run.steps):
+    for step in range(start, cfg.run.steps):
         if r.stop.requested():
             break
         row = rl_step(r, step)  # complete on the main rank
@@ -139,7 +145,29 @@ def sync_steps(r: Run, bar) -> list[tuple[int, float]]:
         bar(info=f"reward {curve[-1][1]:.3f}  {row['time/step']:.1f}s/step")
         if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0 and step + 1 < cfg.run.steps:
             evaluate_heldout(r, f"step{step + 1}", step)
+        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 and r.trainer:
+            save_training_state(r.trainer, r.run_dir, step + 1, cfg.run.keep_checkpoints, r.world.rank,
+                                r.world.rank == r.plan.main_trainer, r.trainer.group)
+        if (r.world.rank, step) == (cfg.run.kill_rank, cfg.run.kill_step) and \
+                os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests/spine/test_resume.py)
     return curve
+
+
+def resume(r: Run) -> int:
+    """``run.resume = "auto"``: the newest complete checkpoint into the trainer (model, AdamW,
+    RNG) and, through ``publish``, every engine; returns its step (0: none, or not resuming).
+    Every rank reads the same files (one node, or a shared file system) and agrees on the step."""
+    if r.cfg.run.resume != "auto":
+        return 0
+    path = newest_checkpoint(r.run_dir, r.console.print)
+    if path is None:
+        return 0
+    step = (load_training_state(r.trainer, path, r.world.rank, r.trainer.group) if r.trainer
+            else int(json.loads((path / "controller.json").read_text())["step"]))
+    r.console.print(f"resumed from {path}: {step} RL steps done")
+    publish(r, version=step)
+    return step
 
 
 def rl_step(r: Run, step: int) -> dict[str, float]:
@@ -595,9 +623,10 @@ def finish(r: Run, results: dict, curve: list, args) -> None:
                     write=r.world.rank == r.plan.main_trainer)
     if r.world.is_main:
         summary(r.console, results, r.task.eval_columns, r.run_dir, curve)
-        write_results(r.run_dir / "results.json", results, len(curve), r.cfg, r.stop.signal, policy_dir)
+        done = curve[-1][0] + 1 if curve else 0  # RL steps done, a resumed run's earlier ones included
+        write_results(r.run_dir / "results.json", results, done, r.cfg, r.stop.signal, policy_dir)
         if r.stop.signal:
-            r.console.print(f"[yellow]stopped by {r.stop.signal} after {len(curve)} of {r.cfg.run.steps} RL steps[/]; "
+            r.console.print(f"[yellow]stopped by {r.stop.signal} after {done} of {r.cfg.run.steps} RL steps[/]; "
                             f"final evaluation, policy and results saved")
         r.console.print(f"policy: {policy_dir} (HF checkpoint: --model.path={policy_dir} reloads it), "
                         f"results: {r.run_dir / 'results.json'}")

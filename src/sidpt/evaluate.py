@@ -63,7 +63,9 @@ def summary(console: Console, results: dict, columns, run_dir: Path, curve) -> N
     cols = [(k, t) for k, t in columns if all(k in ev for ev in results.values())]
     for title in ["", *(t for _, t in cols)]:
         table.add_column(title, justify="right")
-    labels = {"before": "before RL", "after": "after RL"} if "after" in results else {"before": "policy (no RL)"}
+    labels = {"before": "before RL", "resumed": "at resume", "after": "after RL"} if "after" in results else \
+        {"before": "policy (no RL)", "resumed": "policy (at resume)"}
+    labels = {k: v for k, v in labels.items() if k in results}
     for name, label in labels.items():
         table.add_row(label, *(f"{results[name][k]:.2f}" for k, _ in cols))
     console.print(table)

@@ -27,7 +27,13 @@ def start_run(cfg: Config, world: World) -> tuple[Console, Path]:
     # piped to a file, rich wraps at 80 columns mid-phrase: lines as long as a log line instead
     console = Console(quiet=not world.is_main, width=None if sys.stdout.isatty() else 160)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    check_run_dir(run_dir, cfg.run.overwrite)  # every rank, before any rank writes
+    # resuming: into this config's own run directory (with no checkpoint yet, as after an elastic
+    # restart before the first one, the run starts again from scratch)
+    resuming = cfg.run.resume == "auto" and (run_dir / "config.toml").exists()
+    if resuming:
+        check_same_config(cfg, run_dir / "config.toml")
+    else:
+        check_run_dir(run_dir, cfg.run.overwrite)  # every rank, before any rank writes
     barrier()  # start-up: the world, before any role exists
     if world.is_main:
         save_config(cfg, run_dir / "config.toml")
@@ -107,6 +113,24 @@ class StopRequest:
         if flag and self.signal is None:
             self.signal = "a signal on another rank"
         return bool(flag)
+
+
+# keys a resumed run may change: how long it runs and how it checkpoints
+RESUME_FREE = {"run.steps", "run.resume", "run.overwrite", "run.checkpoint_every", "run.keep_checkpoints"}
+
+
+def check_same_config(cfg: Config, saved: Path) -> None:
+    """Resuming: the run directory's config must be this one, up to ``RESUME_FREE``."""
+    from sidpt.config import flatten, load_config
+
+    if not saved.exists():
+        raise ConfigError(f"run.resume='auto': {saved} is missing; the checkpoints beside it cannot be matched to a config")
+    old, new = flatten(load_config(saved)), flatten(cfg)
+    diff = sorted(k for k in old.keys() | new.keys() if k not in RESUME_FREE and old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise ConfigError(f"run.resume='auto': {saved.parent} was written by another config ({shown}); resume with "
+                          f"the same config, or choose another run.name")
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:

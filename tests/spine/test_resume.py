@@ -1,0 +1,116 @@
+"""Training checkpoints and exact resume (sidpt.checkpoint, run.checkpoint_every, run.resume).
+
+A fixed-seed run checkpointed every 2 RL steps is resumed after its newest checkpoint was
+truncated: the truncated one is reported by name and skipped, the run resumes from the one
+before, and its per-step losses, gradient norms and final weights are bitwise those of the
+uninterrupted run (float32, this CPU: the same machine runs both)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sidpt.checkpoint import MANIFEST, newest_checkpoint, verify
+from sidpt.config import ConfigError, load_config, save_config
+from sidpt.startup import check_same_config
+from tests.spine.test_disaggregated import _free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ["--sft.steps=20", "--rollout.prompts_per_step=8", "--train.lr=1e-3", "--run.checkpoint_every=2"]
+
+
+def run(out: Path, name: str, extra: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                                                  str(nproc), "--master-port", str(_free_port())]
+    cmd = [*launch, "-m", "sidpt", str(ROOT / "configs/debug.toml"), *RECIPE, f"--run.out_dir={out}",
+           f"--env.dir={out / 'task'}", f"--run.name={name}", "--run.threads=1", *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def rl_rows(path: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines()) if "loss/total" in r}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(next((run_dir / "policy").glob("*.safetensors")))
+
+
+@pytest.mark.parametrize("placement", [[], pytest.param(["--run.placement=disaggregated", "--run.rollout_ranks=1"],
+                                                        marks=pytest.mark.slow)])
+def test_resume_is_bitwise_and_skips_a_truncated_checkpoint(tmp_path, placement):
+    nproc = 2 if placement else 1
+    run(tmp_path, "full", ["--run.steps=6", *placement], nproc)
+    run(tmp_path, "part", ["--run.steps=4", *placement], nproc)  # "killed" after step 4: checkpoints 2 and 4
+    ckpts = sorted((tmp_path / "part" / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_000002", "step_000004"]
+    shard = next(ckpts[1].glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-7])  # truncated
+    proc = run(tmp_path, "part", ["--run.steps=6", "--run.resume=auto", *placement], nproc)
+    assert f"checkpoint {ckpts[1]} skipped: {shard.name} has" in proc.stdout.replace("\n", " ")
+    assert f"resumed from {ckpts[0]}: 2 RL steps done" in proc.stdout.replace("\n", " ")
+    full, resumed = rl_rows(tmp_path / "full" / "metrics.jsonl"), rl_rows(tmp_path / "part" / "metrics.jsonl")
+    assert sorted(resumed) == [2, 3, 4, 5]
+    assert sum(resumed[s]["train/grad_norm"] > 0 for s in resumed) >= 1  # a step that trained: not a vacuous match
+    for step in resumed:
+        for key in ("loss/total", "train/grad_norm", "reward/mean"):
+            assert resumed[step][key] == full[step][key], (step, key)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["rl_steps"] == 6
+
+
+def test_verify_names_what_is_wrong(tmp_path):
+    ck = tmp_path / "checkpoints" / "step_000003"
+    ck.mkdir(parents=True)
+    (ck / "a.bin").write_bytes(b"12345678")
+    assert verify(ck) == "no manifest.json (the write did not finish)"
+    import hashlib
+    (ck / MANIFEST).write_text(json.dumps({"a.bin": {"sha256": hashlib.sha256(b"12345678").hexdigest(), "bytes": 8}}))
+    assert verify(ck) is None
+    (ck / "a.bin").write_bytes(b"12345679")
+    assert verify(ck) == "a.bin does not match its checksum"
+    (ck / "a.bin").unlink()
+    assert verify(ck) == "a.bin is missing"
+    older = tmp_path / "checkpoints" / "step_000001"
+    older.mkdir()
+    (older / MANIFEST).write_text("{}")
+    said = []
+    assert newest_checkpoint(tmp_path, said.append) == older
+    assert said == [f"checkpoint {ck} skipped: a.bin is missing"]
+
+
+def test_resume_refuses_another_config_naming_the_keys(tmp_path):
+    saved = tmp_path / "config.toml"
+    save_config(load_config(ROOT / "configs/debug.toml"), saved)
+    check_same_config(load_config(ROOT / "configs/debug.toml", ["--run.steps=9", "--run.resume=auto"]), saved)
+    with pytest.raises(ConfigError, match=r"another config \(train.lr: 1e-05 -> 0.001\)"):
+        check_same_config(load_config(ROOT / "configs/debug.toml", ["--train.lr=1e-3"]), saved)
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_rank_under_elastic_restart(tmp_path):
+    """2 colocated gloo ranks; rank 1 is SIGKILLed after step 3 on the job's first attempt;
+    torchrun (--max-restarts 1) restarts both ranks, which resume from the step-2 checkpoint: the
+    job completes and its final weights equal the uninterrupted run's."""
+    run(tmp_path, "full", ["--run.steps=6"], nproc=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    # the c10d rendezvous: a restart is a new round (the static one hands the restarted ranks the
+    # first attempt's gloo addresses: "connectFullMesh failed ... Connection refused")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "sidpt", str(ROOT / "configs/debug.toml"), *RECIPE,
+           f"--run.out_dir={tmp_path}", f"--env.dir={tmp_path / 'task'}", "--run.name=killed", "--run.threads=1",
+           "--run.steps=6", "--run.resume=auto", "--run.kill_rank=1", "--run.kill_step=3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "exitcode: -9" in proc.stderr  # rank 1 did die of SIGKILL
+    assert "resumed from" in proc.stdout.replace("\n", " ")  # and the restarted ranks resumed
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
