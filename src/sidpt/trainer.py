@@ -329,11 +329,18 @@ class Trainer:
         return stats
 
     def _optimizer_step(self) -> dict[str, float]:
+        """Clip and step; a non-finite gradient norm (a NaN or inf loss or gradient anywhere, on any
+        trainer rank: the norm is global) skips the update, leaving weights and AdamW state as
+        they were, and is counted (``train/skipped_nonfinite``)."""
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if isinstance(gn, DTensor):
             gn = gn.full_tensor()
-        self.opt.step()
-        return {"train/grad_norm": float(gn)}
+        finite = bool(torch.isfinite(gn))
+        if finite:
+            self.opt.step()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+        return {"train/grad_norm": float(gn), "train/skipped_nonfinite": float(not finite)}
 
     @torch.no_grad()
     def reset_reference(self) -> None:

@@ -245,3 +245,32 @@ def test_reference_follows_the_warm_start():
     assert torch.equal(fresh[OLD_LOGPROBS], fresh[REF_LOGPROBS])
     for (n, p), (_, r) in zip(trainer.model.named_parameters(), trainer.reference.named_parameters()):
         assert torch.equal(p, r), n
+
+
+def test_nonfinite_gradient_skips_the_update_and_is_counted():
+    """An inf gradient (injected by a hook on one weight) skips the step: weights and AdamW state
+    stay bitwise as they were, the skip is counted; the next finite step updates as usual."""
+    from tensordict import TensorDict
+
+    from sidpt.batch import SEQ_LEN
+
+    trainer = Trainer(build_model(ModelArgs(vocab_size=47), seed=2), OptimConfig(3e-2, 0.0, (0.9, 0.99), 1.0, 4096))
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 47, (4, 12), generator=g)
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    mask[:, 5:] = True
+    batch = TensorDict({TOKENS: tokens, SEQ_LEN: torch.full((4,), 12), LOSS_MASK: mask}, batch_size=[4])
+    assert trainer.sft_step(batch)["train/skipped_nonfinite"] == 0.0
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    state = {(i, k): v.clone() for i, st in enumerate(trainer.opt.state.values()) for k, v in st.items()
+             if torch.is_tensor(v)}
+    w = trainer.model.layers[0].mlp.down_proj.weight
+    hook = w.register_hook(lambda grad: grad * float("inf"))
+    stats = trainer.sft_step(batch)
+    hook.remove()
+    assert stats["train/skipped_nonfinite"] == 1.0 and not torch.isfinite(torch.tensor(stats["train/grad_norm"]))
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    after = {(i, k): v for i, st in enumerate(trainer.opt.state.values()) for k, v in st.items() if torch.is_tensor(v)}
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    assert trainer.sft_step(batch)["train/skipped_nonfinite"] == 0.0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
