@@ -36,6 +36,7 @@ def save_policy(full_weights, tok, args, out: Path, write: bool) -> None:
 #
 #   <run_dir>/checkpoints/step_000006/      a complete checkpoint: RL steps 0..5 done
 #       __0_0.distcp ..., .metadata          torch.distributed.checkpoint: model + AdamW, sharded
+#                                            (and the KL reference when the trainer holds one)
 #       controller.json                      step, policy version
 #       rng_rank<r>.pt                       every trainer rank's torch RNG state
 #       manifest.json                        sha256 and size of every file above (written last)
@@ -72,8 +73,7 @@ def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int,
         tmp.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier(group=group)
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
+    dcp.save(_state(trainer), checkpoint_id=str(tmp), process_group=group)
     torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
     if dist.is_initialized():
         dist.barrier(group=group)
@@ -90,6 +90,17 @@ def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int,
     if dist.is_initialized():
         dist.barrier(group=group)
     return final
+
+
+def _state(trainer) -> dict:
+    """What a checkpoint holds of the trainer: the policy and AdamW (sharded as FSDP holds them)
+    and, with a KL term, the frozen reference (the warm-started policy, not the init: without it a
+    resumed run would anchor its KL elsewhere)."""
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    if trainer.reference is not None:
+        state["reference"] = trainer.reference.state_dict()
+    return state
 
 
 def verify(path: Path) -> str | None:
@@ -125,11 +136,12 @@ def newest_checkpoint(run_dir: Path, report) -> Path | None:
 
 
 def load_training_state(trainer, path: Path, rank: int, group) -> int:
-    """Load ``path`` into the trainer (model, AdamW, this rank's RNG); returns the step."""
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.opt)
-    state = {"model": model_sd, "optim": optim_sd}
+    """Load ``path`` into the trainer (model, AdamW, the reference, this rank's RNG); returns the step."""
+    state = _state(trainer)
     dcp.load(state, checkpoint_id=str(path), process_group=group)
     set_state_dict(trainer.model, trainer.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if trainer.reference is not None:
+        trainer.reference.load_state_dict(state["reference"])
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
         torch.set_rng_state(torch.load(rng, weights_only=True))

@@ -114,3 +114,36 @@ def test_sigkill_of_a_rank_under_elastic_restart(tmp_path):
     assert "resumed from" in proc.stdout.replace("\n", " ")  # and the restarted ranks resumed
     a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_round_trip_holds_the_kl_reference(tmp_path):
+    """In one process: policy, AdamW state and the frozen KL reference (warm-started, not the init)
+    come back bitwise into a fresh trainer."""
+    from tensordict import TensorDict
+
+    from sidpt.batch import LOSS_MASK, SEQ_LEN, TOKENS
+    from sidpt.checkpoint import load_training_state, save_training_state
+    from sidpt.model import ModelArgs, build_model
+    from sidpt.trainer import OptimConfig, Trainer
+
+    def trainer():
+        return Trainer(build_model(ModelArgs(vocab_size=47), seed=2), OptimConfig(3e-2, 0.0, (0.9, 0.99), 1.0, 4096),
+                       reference=True)
+
+    tokens = torch.randint(0, 47, (4, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    mask[:, 5:] = True
+    batch = TensorDict({TOKENS: tokens, SEQ_LEN: torch.full((4,), 12), LOSS_MASK: mask}, batch_size=[4])
+    a = trainer()
+    a.sft_step(batch)
+    a.reset_reference()
+    a.sft_step(batch)  # policy, reference and init now all differ
+    path = save_training_state(a, tmp_path, 3, keep=1, rank=0, main=True, group=None)
+    b = trainer()
+    assert load_training_state(b, path, rank=0, group=None) == 3
+    for m in ("model", "reference"):
+        for (n, p), (_, q) in zip(getattr(a, m).named_parameters(), getattr(b, m).named_parameters()):
+            assert torch.equal(p, q), (m, n)
+    sa, sb = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert not torch.equal(next(a.reference.parameters()), next(trainer().reference.parameters()))
