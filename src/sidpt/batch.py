@@ -10,6 +10,7 @@ with ``tokens``: ``rollout_logprobs[n, t]`` is the log-probability of ``tokens[n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from tensordict import TensorDict
@@ -49,11 +50,12 @@ class Trajectory:
     finish_reason: int
     reward: float
 
-    @property
+    # computed once: the async schedule reads them for every pending trajectory at every arrival
+    @cached_property
     def length(self) -> int:  # response tokens (sampled)
         return sum(self.loss_mask)
 
-    @property
+    @cached_property
     def version(self) -> int:  # the oldest weights that sampled one of its tokens
         return min((v for v, m in zip(self.versions, self.loss_mask) if m), default=-1)
 

@@ -76,7 +76,7 @@ class PipelineState:
     dropped: int = 0
     events: deque = field(default_factory=deque)  # (step, "sampled" | "trained", length, reward)
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("sampled_n", "sampled_len", "sampled_reward", "trained_n", "trained_len", "trained_reward"), 0.0))
+        ("sampled_n", "sampled_length", "sampled_reward", "trained_n", "trained_length", "trained_reward"), 0.0))
 
     def add(self, t: Trajectory) -> None:
         """A trajectory finished generating (it arrived from a rollout rank)."""
@@ -138,7 +138,7 @@ class PipelineState:
     def _event(self, kind: str, t: Trajectory) -> None:
         self.events.append((self.step, kind, t.length, t.reward))
         self.totals[f"{kind}_n"] += 1
-        self.totals[f"{kind}_len"] += t.length
+        self.totals[f"{kind}_length"] += t.length
         self.totals[f"{kind}_reward"] += t.reward
 
     def metrics(self, chosen: list[Trajectory]) -> dict[str, float]:
@@ -155,16 +155,15 @@ class PipelineState:
         out["staleness/mixed_seqs"] = float(sum(len({v for v, m in zip(t.versions, t.loss_mask) if m}) > 1
                                                 for t in chosen))  # sampled by more than one version
         out["staleness/mean"] = sum(ages) / max(len(ages), 1)
-        win = {kind: [(n, r) for _, kd, n, r in self.events if kd == kind] for kind in ("sampled", "trained")}
-        for name, col in (("length", 0), ("reward", 1)):
-            mean = {kind: sum(e[col] for e in v) / max(len(v), 1) for kind, v in win.items()}
+        tot = self.totals
+        for col, name in enumerate(("length", "reward")):
+            win = {kind: [e[2 + col] for e in self.events if e[1] == kind] for kind in ("sampled", "trained")}
+            mean = {kind: sum(v) / max(len(v), 1) for kind, v in win.items()}
             out[f"bias/{name}_ratio"] = mean["trained"] / mean["sampled"] if mean["sampled"] else 1.0
-            tot = self.totals
-            out[f"bias/{name}_ratio_run"] = ((tot[f"trained_{'len' if col == 0 else 'reward'}"] / max(tot["trained_n"], 1))
-                                             / max(tot[f"sampled_{'len' if col == 0 else 'reward'}"]
-                                                   / max(tot["sampled_n"], 1), 1e-12))
+            run = {kind: tot[f"{kind}_{name}"] / max(tot[f"{kind}_n"], 1) for kind in ("sampled", "trained")}
+            out[f"bias/{name}_ratio_run"] = run["trained"] / max(run["sampled"], 1e-12)
         a = lookahead(self.policy, k)
-        cohort = [g for g in range(max(0, (s - 2 * W + 1 + a) * self.B), max(0, (s - W + 1 + a) * self.B))]
+        cohort = range(max(0, (s - 2 * W + 1 + a) * self.B), max(0, (s - W + 1 + a) * self.B))
         low = [g for g in cohort if not self.rewards.get(g) or sum(self.rewards[g]) / len(self.rewards[g]) < LOW_PASS]
         out["bias/starved_low_pass"] = (sum(self.trained.get(g, 0) < self.G for g in low) / len(low)) if low else 0.0
         out["sched/dropped"] = float(self.dropped)

@@ -274,12 +274,11 @@ class Engine:
         """Free every request's KV blocks (requests keep their tokens, log-probs and versions):
         each recomputes its cache with the current weights when next scheduled, as after a
         preemption. The ``recompute`` answer to in-flight weights; returns the tokens to recompute."""
-        n, dropped = 0, 0
+        n = 0
         for s in self.seqs.values():
             if s.blocks:
-                n, dropped = n + s.num_computed, dropped + 1
-                self._preempt(s)
-        self.stats["preemptions"] -= dropped  # not the scheduler's doing
+                n += s.num_computed
+                self._preempt(s, count=False)  # not the scheduler's doing
         return n
 
     # -- the step -------------------------------------------------------------------------------
@@ -385,7 +384,7 @@ class Engine:
         self._assign_row(s)
         return True
 
-    def _preempt(self, s: _Seq) -> None:
+    def _preempt(self, s: _Seq, count: bool = True) -> None:
         """Free s's blocks; it keeps its tokens and is recomputed when readmitted."""
         self.cache.release(s.blocks)
         s.blocks = []
@@ -394,7 +393,7 @@ class Engine:
         s.num_computed = 0
         if s.status == RUNNING:
             s.status = WAITING
-        self.stats["preemptions"] += 1
+        self.stats["preemptions"] += count
 
     def _grow(self, s: _Seq, n: int) -> None:
         if n <= 0:
