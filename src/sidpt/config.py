@@ -62,7 +62,9 @@ class RunConfig:
     resume: Literal["never", "auto"] = "never"
     """auto: continue from the newest complete checkpoint in the run directory (an incomplete or
     corrupted one is reported and skipped; a directory written by another config is refused,
-    naming the keys that differ); never: start from scratch."""
+    naming the keys that differ; with no checkpoint yet, as after an elastic restart before the
+    first, the run starts again there, its earlier metrics kept as metrics.<n>.jsonl); never:
+    start from scratch."""
     delay_rank: int = -1
     """Fault injection for tests and benchmarks: the global rank that sleeps ``delay_s`` per engine
     step (a rollout rank) or per RL update (a trainer rank); -1: none."""

@@ -128,7 +128,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         curve = async_steps(r, bar) if cfg.run.pipeline == "async" else sync_steps(r, bar, start)
     if curve:  # an eval-only run (no RL step) evaluates once: no "after" identical to "before"
         results["after"] = evaluate_heldout(r, "after", curve[-1][0] + 1)
-    finish(r, results, curve, policy.args)
+    finish(r, results, curve, policy.args, curve[-1][0] + 1 if curve else start)
     return results
 
 
@@ -615,15 +615,15 @@ def evaluate_heldout(r: Run, name: str, step: int) -> dict[str, float]:
     return ev
 
 
-def finish(r: Run, results: dict, curve: list, args) -> None:
-    """Save the policy (HF checkpoint), results.json, the table and the reward curve."""
+def finish(r: Run, results: dict, curve: list, args, done: int) -> None:
+    """Save the policy (HF checkpoint), results.json, the table and the reward curve; ``done``: the
+    RL steps the policy has had (a resumed run's earlier ones included)."""
     policy_dir = r.run_dir / "policy"
     if r.trainer:
         save_policy(r.trainer.full_weights(r.cfg.train.publish_bucket_mb), r.tok, args, policy_dir,
                     write=r.world.rank == r.plan.main_trainer)
     if r.world.is_main:
         summary(r.console, results, r.task.eval_columns, r.run_dir, curve)
-        done = curve[-1][0] + 1 if curve else 0  # RL steps done, a resumed run's earlier ones included
         write_results(r.run_dir / "results.json", results, done, r.cfg, r.stop.signal, policy_dir)
         if r.stop.signal:
             r.console.print(f"[yellow]stopped by {r.stop.signal} after {done} of {r.cfg.run.steps} RL steps[/]; "
