@@ -6,12 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from rich.console import Console
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sidpt.files import atomic_write
@@ -62,21 +66,40 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int, main: bool, group) -> Path:
+def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int, main: bool, group,
+                        pipeline: dict | None = None, report=None) -> Path | None:
     """The trainer's state after ``step`` RL steps (collective on the trainer ranks ``group``);
-    the main trainer rank writes the manifest, publishes the directory by rename and keeps the
-    newest ``keep``."""
+    the main trainer rank writes ``pipeline`` (the async pipeline's state: tensors, numbers, lists,
+    loadable with ``weights_only``) and the manifest, publishes the directory by rename and keeps
+    the newest ``keep``. A write the file system refuses (disk full, quota) on any rank leaves no
+    trace: the temporary directory is removed, the previous checkpoints stand, ``report`` says so
+    and None is returned (the run goes on; the next checkpoint tries again). ``report``: stderr."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if dist.is_initialized():
-        dist.barrier(group=group)
-    dcp.save(_state(trainer), checkpoint_id=str(tmp), process_group=group)
-    torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier(group=group)
+    error = None
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier(group)
+        dcp.save(_state(trainer), checkpoint_id=str(tmp), process_group=group)
+        torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
+        if main and pipeline is not None:
+            torch.save(pipeline, tmp / PIPELINE)
+    except (OSError, CheckpointException) as e:
+        if isinstance(e, CheckpointException) and not all(
+                isinstance(exc, OSError) for exc, _ in e.failures.values()):
+            raise
+        error = e
+    if _any_failed(error is not None, trainer, group):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = sorted(final.parent.glob("step_*"))
+            report = report or Console(stderr=True).print
+            why = _os_error(error) if error is not None else "failed on another trainer rank"
+            report(f"[red]checkpoint {final.name} not written ({why}); the previous one stands: "
+                   f"{kept[-1] if kept else 'none'}[/]")
+        return None
     if main:
         atomic_write(tmp / "controller.json", json.dumps({"step": step, "policy_version": step}))
         files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -87,9 +110,31 @@ def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int,
         os.replace(tmp, final)
         for old in sorted(final.parent.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    _barrier(group)
+    return final
+
+
+PIPELINE = "pipeline.pt"
+
+
+def _barrier(group) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
-    return final
+
+
+def _any_failed(failed: bool, trainer, group) -> bool:
+    """Whether any trainer rank failed its part (a max all-reduce: every rank agrees)."""
+    if not dist.is_initialized():
+        return failed
+    flag = torch.tensor([float(failed)], device=trainer.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+def _os_error(e: BaseException) -> str:
+    if isinstance(e, CheckpointException):
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {e}"
 
 
 def _state(trainer) -> dict:
@@ -135,10 +180,50 @@ def newest_checkpoint(run_dir: Path, report) -> Path | None:
     return None
 
 
+# DCP pickles its ``.metadata``; ``FileSystemReader`` unpickles it with no restriction, so a crafted
+# checkpoint would run code on load. ``SafeReader`` admits only the types DCP itself writes (read
+# off a sidpt checkpoint's pickle): its metadata dataclasses, torch.Size, dtypes, layouts, paths.
+_METADATA_TYPES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                   ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                   ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _METADATA_TYPES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a type a checkpoint's metadata holds")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """``FileSystemReader`` whose metadata unpickling admits only DCP's own types (the tensors
+    themselves are read with ``weights_only=True`` by DCP already)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}: refused ({e}); a checkpoint's metadata holds no code") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded safely (named)."""
+
+
 def load_training_state(trainer, path: Path, rank: int, group) -> int:
     """Load ``path`` into the trainer (model, AdamW, the reference, this rank's RNG); returns the step."""
     state = _state(trainer)
-    dcp.load(state, checkpoint_id=str(path), process_group=group)
+    reader = SafeReader(str(path))
+    reader.read_metadata()  # a refused pickle raises here, by name (inside dcp.load it is re-wrapped)
+    dcp.load(state, storage_reader=reader, process_group=group)
     set_state_dict(trainer.model, trainer.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if trainer.reference is not None:
         trainer.reference.load_state_dict(state["reference"])

@@ -129,6 +129,14 @@ class TaskConfig:
     """Your own reward function as ``module:function``, called as ``function(sample, response_text,
     info) -> float`` on every finished episode (replacing the environment's reward); empty: the
     environment's own."""
+    faults: Literal["isolate", "error"] = "isolate"
+    """An environment call (reset, step, end) or reward function that raises, outlives
+    ``call_timeout_s`` or returns a non-finite reward: end that episode with reward 0, count it
+    (``rollout/faults``) and log it with its sample to ``faults_rank<r>.jsonl`` (isolate), or stop
+    the run naming the sample (error)."""
+    call_timeout_s: float = 60.0
+    """Longest wait for one environment or reward call, in seconds (0: no timeout, the calls run on
+    the rollout loop's own thread)."""
 
 
 @dataclass
@@ -368,7 +376,7 @@ RANGES = {
     "sft.context_weight": 0.0, "train.warmup_steps": 0, "sft.warmup_steps": 0, "train.min_lr_frac": 0.0,
     "rollout.speculative": 0, "rollout.max_staleness": 0, "train.bias_window": 1, "run.delay_s": 0.0,
     "run.delay_rank": -1, "run.checkpoint_every": 0, "run.keep_checkpoints": 1,
-    "run.kill_rank": -1, "run.kill_step": 0,
+    "run.kill_rank": -1, "run.kill_step": 0, "task.call_timeout_s": 0.0,
 }
 POSITIVE = {"rollout.kv_cache_mb", "train.lr", "sft.lr", "train.grad_clip", "train.publish_bucket_mb"}
 GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # advantages relative to the group

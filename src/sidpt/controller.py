@@ -50,6 +50,7 @@ from sidpt.dist.transfer import (
 from sidpt.dist.world import World, all_reduce_max, all_reduce_sum, gather_to_main, init_world, shutdown
 from sidpt.env import load_environment, load_reward, score
 from sidpt.env.base import FINISH_CODES
+from sidpt.env.guard import Guard, GuardedEnv
 from sidpt.evaluate import describe, evaluate, reduce_metrics, summary, write_results
 from sidpt.metrics import MetricsLog, Timers
 from sidpt.model import Transformer
@@ -62,7 +63,9 @@ from sidpt.rollout.speculative import SpeculativeEngine
 from sidpt.rollout.multiturn import EpisodeRunner, Job, episode_trajectory, episodes_to_batch, run_episodes
 from sidpt.schedule import PipelineState, lookahead
 from sidpt.sft import sft_rows, warm_start
-from sidpt.startup import StopRequest, fit_samples, load_policy, prompt_encoder, set_threads, start_run, threads_note
+from sidpt.startup import (
+    StopRequest, fit_samples, load_policy, prompt_encoder, report_skipped_rows, set_threads, start_run, threads_note,
+)
 from sidpt.trainer import OptimConfig, Trainer, lr_at, sequence_logprobs, signal_rows
 
 
@@ -85,6 +88,7 @@ class Run:
     stop: StopRequest
     reward_fn: Callable | None
     timers: Timers
+    guard: Guard  # environment and reward calls, isolated (task.faults)
 
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
@@ -96,13 +100,16 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     console, run_dir = start_run(cfg, world)
     env_module, env_cfg = load_environment(cfg.env)
     task = env_module.make_task(env_cfg, world.is_main, need_sft=cfg.sft.steps > 0)
+    guard = Guard(cfg.task.faults, cfg.task.call_timeout_s, run_dir / f"faults_rank{world.rank}.jsonl", console.print)
+    task.env = GuardedEnv(task.env, guard)
+    report_skipped_rows(task, run_dir, world.is_main, console)
     check_speculative(cfg, task)
     tok, policy = load_policy(cfg, task, world)
     prompt_ids = prompt_encoder(cfg, task, tok)
     fit_samples(cfg, task, prompt_ids, console)
     r = Run(cfg, world, plan, console, run_dir, task, tok, prompt_ids, *build_roles(cfg, plan, policy, tok),
             MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main), StopRequest(world),
-            load_reward(cfg.task.reward), Timers())
+            load_reward(cfg.task.reward), Timers(), guard)
     console.print(f"[bold]sidpt[/] {world.world_size} rank(s), {plan.placement} (rollout {plan.rollout_ranks}, "
                   f"trainer {plan.trainer_ranks}); env {cfg.env['name']}; model {policy.args.family} "
                   f"{count_params(policy) / 1e6:.2f}M params, vocab {policy.args.vocab_size}; run dir {run_dir}")
@@ -176,7 +183,7 @@ def rl_step(r: Run, step: int) -> dict[str, float]:
     episodes, batch, stats = [], None, {}
     if plan.rollout_enabled:
         with r.timers("rollout"):
-            episodes = score(generate(r, step), r.reward_fn, r.tok.decode)
+            episodes = score(generate(r, step), r.reward_fn, r.tok.decode, r.guard)
             batch = episodes_to_batch(episodes, FINISH_CODES, r.tok.pad_id or 0) if episodes else None
     batch = to_trainer(batch, plan)
     if plan.own_reference and plan.reference_enabled:
@@ -301,7 +308,7 @@ def stream_rollouts(r: Run, bar) -> dict[int, dict]:
             bar(info=f"version {version}")
             continue
         t0 = time.perf_counter()
-        episodes = score(runner.step(), r.reward_fn, r.tok.decode)
+        episodes = score(runner.step(), r.reward_fn, r.tok.decode, r.guard)
         for e in episodes:
             sender.send(episode_trajectory(e, FINISH_CODES.get(e.info.get("finish"), FINISH_ERROR)))
             claims.finished(e.key[0], group_done=not any(key[0] == e.key[0] for key in runner.jobs))
@@ -313,7 +320,7 @@ def stream_rollouts(r: Run, bar) -> dict[int, dict]:
             sums.update({f"env/{k}": v for k, v in r.task.metrics(episodes).items()})
             sums.update({"reward/sampled_mean": (sum(e.reward for e in episodes), n),
                          "rollout/response_tokens": (float(sum(sum(e.out.generated) for e in episodes)), n),
-                         "rollout/episodes": n})
+                         "rollout/episodes": n, "rollout/faults": float(sum("fault" in e.info for e in episodes))})
         state.add(engine.policy_version, sums)
     state.add(engine.policy_version, {"rollout/aborted_at_end": float(runner.abort())})
     sender.close()
@@ -574,7 +581,8 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> di
                 "reward/mean": (sum(e.reward for e in episodes), n),
                 "rollout/response_tokens": (float(sum(sum(e.out.generated) for e in episodes)), n),
                 "rollout/seq_len": (float(sum(len(e.out.tokens) for e in episodes)), n)}
-        row = reduce_metrics(sums, r.world.device, plan.group_of(plan.rollout_mesh), totals={"rollout/episodes": n})
+        row = reduce_metrics(sums, r.world.device, plan.group_of(plan.rollout_mesh),
+                             totals={"rollout/episodes": n, "rollout/faults": float(sum("fault" in e.info for e in episodes))})
         row["perf/gen_tokens_per_s"] = row["rollout/response_tokens"] * row["rollout/episodes"] / max(wall, 1e-9)
         row["policy_version"] = r.engine.policy_version
         if "drafted" in r.engine.stats:  # speculative rollouts: draft tokens the exact policy accepted, so far
@@ -610,7 +618,7 @@ def evaluate_heldout(r: Run, name: str, step: int) -> dict[str, float]:
     if r.plan.rollout_enabled:
         ev = evaluate(r.engine, r.task, r.task.heldout[: r.cfg.task.eval_questions], r.prompt_ids, r.tok,
                       r.cfg.rollout.max_new_tokens, r.world, r.plan.rollout_dp, r.plan.group_of(r.plan.rollout_mesh),
-                      r.run_dir / f"examples_{name}.jsonl", r.reward_fn)
+                      r.run_dir / f"examples_{name}.jsonl", r.reward_fn, r.guard)
     r.log.log(step, {f"eval/{k}": v for k, v in ev.items()})
     return ev
 

@@ -34,15 +34,17 @@ def reduce_metrics(sums: dict[str, tuple[float, float]], device, group,
 
 
 def evaluate(engine, task, samples: list, prompt_ids, tok, max_new_tokens: int, world, dp: tuple[int, int],
-             group, examples_path: Path | None = None, reward_fn=None) -> dict[str, float]:
+             group, examples_path: Path | None = None, reward_fn=None,
+             guard=None) -> dict[str, float]:
     """Greedy episodes on ``samples``, this rollout rank's share (``dp`` = (index, size));
     the task's metrics over all rollout ranks, and ``questions``. Writes what the policy wrote,
     one JSON line per sample in order, to ``examples_path`` on the main rank."""
     eos = () if tok.eos_id is None else (tok.eos_id,)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=eos)
     jobs = [Job(i, 0, q, prompt_ids(q), 0) for i, q in enumerate(samples) if i % dp[1] == dp[0]]
-    eps = score(run_episodes(engine, task.env, jobs, params, tok.encode, tok.decode), reward_fn, tok.decode)
-    out = reduce_metrics(task.metrics(eps), world.device, group, totals={"questions": float(len(eps))})
+    eps = score(run_episodes(engine, task.env, jobs, params, tok.encode, tok.decode), reward_fn, tok.decode, guard)
+    out = reduce_metrics(task.metrics(eps), world.device, group, totals={"questions": float(len(eps)),
+                                                                           "faults": float(sum("fault" in e.info for e in eps))})
     if examples_path is not None:
         rows = [(e.group, json.dumps(task.example(e, tok.decode(e.out.tokens[e.out.prompt_len:])))) for e in eps]
         rows = sorted(gather_to_main(rows, world, group))  # every rank's episodes, in sample order

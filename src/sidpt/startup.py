@@ -16,6 +16,7 @@ from rich.console import Console
 from sidpt.config import Config, ConfigError, save_config
 from sidpt.data import fit_questions, task_tokenizer
 from sidpt.dist.world import World, all_reduce_max, barrier
+from sidpt.files import atomic_write
 from sidpt.model import SIZES, build_model, load_checkpoint
 from sidpt.model.model import DTYPES
 from sidpt.model.tokenizer import Tokenizer
@@ -84,6 +85,16 @@ def fit_samples(cfg: Config, task, prompt_ids, console: Console) -> None:
         raise ConfigError("no train or no held-out sample fits rollout.max_model_len")
 
 
+def report_skipped_rows(task, run_dir: Path, is_main: bool, console: Console) -> None:
+    """Malformed data rows an environment left out (``env.bad_rows = "skip"``, its ``skipped_rows``):
+    counted on the console and listed, file and line, in ``skipped_rows.txt``."""
+    rows = list(getattr(task, "skipped_rows", ()))
+    if rows and is_main:
+        atomic_write(run_dir / "skipped_rows.txt", "".join(f"{row}\n" for row in rows))
+        console.print(f"[yellow]{len(rows)} malformed data row(s) skipped (env.bad_rows='skip'), listed in "
+                      f"{run_dir / 'skipped_rows.txt'}; the first: {rows[0]}[/]")
+
+
 class StopRequest:
     """SIGINT / SIGTERM set a flag that the loops read at step boundaries, so an interrupted run
     still evaluates and saves; a second SIGINT (more than a second later) interrupts at once. ``requested()`` agrees on
@@ -98,6 +109,9 @@ class StopRequest:
         self.world, self.signal, self.first = world, None, 0.0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
+        # a file-size limit (ulimit -f, a quota) must fail the write (EFBIG: a checkpoint write is
+        # then dropped and reported, sidpt.checkpoint), not kill the rank as SIGXFSZ does by default
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def _handle(self, signum, frame):
         now = time.monotonic()

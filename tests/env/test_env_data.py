@@ -88,3 +88,33 @@ def test_search_r1_parquet_questions(tmp_path):
     (d / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
         load_questions(d / "bad.parquet")
+
+
+def test_bad_rows_skip_counts_and_names_them(tmp_path):
+    """env.bad_rows = "skip": malformed question and corpus rows are left out, each recorded with
+    file and line; the task reports them (the controller lists them in skipped_rows.txt)."""
+    from sidpt.env.search import Config, make_task
+    from sidpt.env.search.task import make_search_task
+
+    gen = tmp_path / "gen"
+    make_search_task(gen, 12, seed=0)
+    own = tmp_path / "own"  # the user's own task: read as it is
+    own.mkdir()
+    for name in ("corpus", "train", "heldout", "sft"):
+        lines = (gen / f"{name}.jsonl").read_text().splitlines()
+        bad = "{not json" if name != "heldout" else '{"question": "q"}'
+        (own / f"{name}.jsonl").write_text("\n".join(lines[:2] + [bad] + lines[2:]) + "\n")
+    with pytest.raises(DataError, match=r"own/train.jsonl:3: invalid JSON"):
+        load_questions(own / "train.jsonl")
+    skipped = []
+    qs = load_questions(own / "train.jsonl", skipped)
+    assert [q.id for q in qs] == [q.id for q in load_questions(gen / "train.jsonl")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{own}/train.jsonl:3: invalid JSON")
+    task = make_task(Config(dir=str(own), bad_rows="skip"), is_main=True, need_sft=True)
+    where = sorted(s.split(": ")[0].rsplit("/", 1)[1] for s in task.skipped_rows)
+    assert where == ["corpus.jsonl:3", "heldout.jsonl:3", "sft.jsonl:3", "train.jsonl:3"]
+    assert len(task.train) == len(load_questions(gen / "train.jsonl"))
+    assert len(task.env.retriever.docs) == len((gen / "corpus.jsonl").read_text().splitlines())
+    assert task.tokenizer_texts()[0]  # the tokenizer's texts read past the bad rows too
+    with pytest.raises(Exception, match=r"corpus.jsonl:3: invalid JSON"):
+        make_task(Config(dir=str(own)), is_main=True, need_sft=True)

@@ -147,3 +147,63 @@ def test_checkpoint_round_trip_holds_the_kl_reference(tmp_path):
     sa, sb = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert not torch.equal(next(a.reference.parameters()), next(trainer().reference.parameters()))
+
+
+def _tiny_trainer(seed=2):
+    from sidpt.model import ModelArgs, build_model
+    from sidpt.trainer import OptimConfig, Trainer
+
+    return Trainer(build_model(ModelArgs(vocab_size=47), seed=seed), OptimConfig(3e-2, 0.0, (0.9, 0.99), 1.0, 4096))
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
+    """The OS refuses the write half-way (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC): no
+    directory is left behind, the previous checkpoint still verifies, the next write succeeds."""
+    import resource
+    import signal
+
+    from sidpt.checkpoint import checkpoint_dir, save_training_state
+
+    t = _tiny_trainer()
+    assert save_training_state(t, tmp_path, 2, keep=2, rank=0, main=True, group=None) == checkpoint_dir(tmp_path, 2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+    said = []
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))  # the model file is ~200 KiB
+        assert save_training_state(t, tmp_path, 4, keep=2, rank=0, main=True, group=None, report=said.append) is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert len(said) == 1 and "step_000004 not written" in said[0] and "File too large" in said[0]
+    assert "step_000002" in said[0]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002"]
+    assert verify(checkpoint_dir(tmp_path, 2)) is None
+    assert save_training_state(t, tmp_path, 6, keep=2, rank=0, main=True, group=None) is not None
+    assert newest_checkpoint(tmp_path, print) == checkpoint_dir(tmp_path, 6)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """DCP's metadata is a pickle: a crafted one (with a manifest that matches it) is refused by
+    name before anything runs."""
+    import hashlib
+    import pickle
+
+    from sidpt.checkpoint import CheckpointError, load_training_state, save_training_state
+
+    path = save_training_state(_tiny_trainer(), tmp_path, 2, keep=1, rank=0, main=True, group=None)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    manifest = json.loads((path / MANIFEST).read_text())
+    data = (path / ".metadata").read_bytes()
+    manifest[".metadata"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert verify(path) is None  # intact by its manifest: the loader itself must refuse
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused \(posix.system is not a type"):
+        load_training_state(_tiny_trainer(), path, rank=0, group=None)
+    assert not marker.exists()

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from types import ModuleType
 from typing import Any, Callable
 
+from sidpt.env.guard import Guard, guarded_reward
 from sidpt.errors import ConfigError
 
 ENVIRONMENTS = {"search": "sidpt.env.search", "arith": "sidpt.env.arith", "echo": "sidpt.env.echo"}
@@ -74,25 +74,16 @@ def load_reward(spec: str) -> Callable[[Any, str, dict], float] | None:
     return fn
 
 
-def score(episodes: list, reward_fn, decode) -> list:
+def score(episodes: list, reward_fn, decode, guard: Guard | None = None) -> list:
     """The reward stage: with your ``task.reward`` function, each finished episode's reward is
     ``reward_fn(sample, response_text, info)`` (its response: everything after the prompt, tool
     observations included, as text); without one the environment's reward stands. A function that
-    raises or returns a non-finite value names the sample."""
+    raises, hangs or returns a non-finite value is a fault (``sidpt.env.guard``: reward 0, counted,
+    logged; without a ``guard``, or with ``task.faults = "error"``, an error naming the sample)."""
     if reward_fn is None:
         return episodes
+    guard = guard or Guard()
     for e in episodes:
-        try:
-            r = float(reward_fn(e.sample, decode(e.out.tokens[e.out.prompt_len:]), dict(e.info)))
-        except Exception as err:
-            raise ConfigError(f"task.reward={_spec(reward_fn)!r}: your function failed on sample "
-                              f"{getattr(e.sample, 'id', '?')!r}: {type(err).__name__}: {err}") from err
-        if not math.isfinite(r):
-            raise ConfigError(f"task.reward={_spec(reward_fn)!r}: your function returned {r} for sample "
-                              f"{getattr(e.sample, 'id', '?')!r}")
-        e.reward = r
+        if "fault" not in e.info:  # an episode whose environment failed keeps its reward 0
+            guarded_reward(guard, reward_fn, e, decode(e.out.tokens[e.out.prompt_len:]))
     return episodes
-
-
-def _spec(fn) -> str:
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__name__', '?')}"

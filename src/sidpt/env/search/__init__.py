@@ -90,7 +90,10 @@ class SearchTask:
             SearchEnv(env_cfg)  # builds the BM25 cache once, before the other ranks read it
         barrier()
         self.env = SearchEnv(env_cfg)
-        self.train, self.heldout = load_questions(self.files["train"]), load_questions(self.files["heldout"])
+        skip = [] if cfg.bad_rows == "skip" else None
+        self.train, self.heldout = load_questions(self.files["train"], skip), load_questions(self.files["heldout"], skip)
+        self.sft = load_questions(self.files["sft"], skip) if need_sft else []  # read now: a bad row stops the start
+        self.skipped_rows = self.env.skipped_rows + (skip or [])  # reported and listed by the controller
         self.tokenizer_dir = self.files["corpus"].parent
         self.template = cfg.prompt or INSTRUCTION
 
@@ -98,10 +101,10 @@ class SearchTask:
         return format_prompt(sample.question, self.template)
 
     def sft_episodes(self, n: int, seed: int) -> list[Episode]:
-        return sft_episodes(self.env, spread_questions(load_questions(self.files["sft"]), n, seed))
+        return sft_episodes(self.env, spread_questions(self.sft, n, seed))
 
     def tokenizer_texts(self) -> tuple[list[str], list[str]]:
-        return tokenizer_texts(self.files), list(TAGS)
+        return tokenizer_texts(self.files, skip_bad=self.cfg.bad_rows == "skip"), list(TAGS)
 
     def metrics(self, episodes: list) -> dict[str, tuple[float, float]]:
         n = float(len(episodes))

@@ -82,19 +82,39 @@ def utf8_text(data: bytes, path: str | os.PathLike, error: type[Exception]) -> s
         raise error(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
 
 
-def jsonl_rows(text: str, path: str | os.PathLike, error: type[Exception]):
-    """(``"path:line"``, row) for each non-blank line; a bad line raises ``error`` naming file and line."""
+def jsonl_rows(text: str, path: str | os.PathLike, error: type[Exception], skipped: list[str] | None = None):
+    """(``"path:line"``, row) for each non-blank line; a bad line raises ``error`` naming file and
+    line, or (``skipped`` given: ``env.bad_rows = "skip"``) is appended there as that message and left out."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            yield f"{path}:{lineno}", json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise error(f"{path}:{lineno}: invalid JSON ({e})") from None
+            if skipped is None:
+                raise error(f"{path}:{lineno}: invalid JSON ({e})") from None
+            skipped.append(f"{path}:{lineno}: invalid JSON ({e})")
+            continue
+        yield f"{path}:{lineno}", row
 
 
-def parse_corpus(data: bytes, path: str | os.PathLike = "<corpus>") -> list[Doc]:
-    docs = [_doc_from_row(row, where) for where, row in jsonl_rows(utf8_text(data, path, CorpusError), path, CorpusError)]
+def parse_rows(rows, parse, error: type[Exception], skipped: list[str] | None = None) -> list:
+    """``parse(row, where)`` of each (where, row); a row it rejects (``error``) raises, or with
+    ``skipped`` is recorded there and left out."""
+    out = []
+    for where, row in rows:
+        try:
+            out.append(parse(row, where))
+        except error as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+    return out
+
+
+def parse_corpus(data: bytes, path: str | os.PathLike = "<corpus>", skipped: list[str] | None = None) -> list[Doc]:
+    rows = jsonl_rows(utf8_text(data, path, CorpusError), path, CorpusError, skipped)
+    docs = parse_rows(rows, _doc_from_row, CorpusError, skipped)
     if not docs:
         raise CorpusError(f"{path}: the corpus has no documents")
     return docs
@@ -172,13 +192,15 @@ def cache_path(corpus_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + CACHE_SUFFIX)
 
 
-def load_bm25(corpus_path: str | os.PathLike, k1: float = 1.2, b: float = 0.75, cache: bool = True) -> BM25:
-    """BM25 over the JSONL corpus at ``corpus_path``, its index read from (or written to) the cache.
+def load_bm25(corpus_path: str | os.PathLike, k1: float = 1.2, b: float = 0.75, cache: bool = True,
+              skipped: list[str] | None = None) -> BM25:
+    """BM25 over the JSONL corpus at ``corpus_path``, its index read from (or written to) the cache
+    (``skipped``: malformed rows are left out and recorded there, see ``jsonl_rows``).
 
     ``.from_cache`` on the result says whether the index was reused. A cache that cannot be
     written (read-only directory) is skipped silently: the index is still built in memory."""
     data = Path(corpus_path).read_bytes()
-    docs = parse_corpus(data, corpus_path)
+    docs = parse_corpus(data, corpus_path, skipped)
     key = hashlib.sha256(data).hexdigest()
     cpath = cache_path(corpus_path)
     if cache and cpath.exists():

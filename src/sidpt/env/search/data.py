@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from sidpt.dist.world import barrier
-from sidpt.env.search.bm25 import Doc
-from sidpt.env.search.env import CORRECTIONS, INSTRUCTION, NO_RESULTS, format_docs, wrap_observation
+from sidpt.env.search.bm25 import Doc, jsonl_rows, utf8_text
+from sidpt.env.search.env import CORRECTIONS, INSTRUCTION, NO_RESULTS, DataError, format_docs, wrap_observation
 from sidpt.errors import ConfigError
 from sidpt.files import umask_mode
 
@@ -99,7 +99,7 @@ def spread_questions(questions: list, n: int, seed: int) -> list:
 
 
 
-def tokenizer_texts(files: dict[str, Path]) -> list[str]:
+def tokenizer_texts(files: dict[str, Path], skip_bad: bool = False) -> list[str]:
     """The text a random-init model reads and writes (documents, questions, answers; not row ids),
     with the instruction and the observation scaffolding, so no word the environment writes is
     unknown (a custom env.prompt's own words are in no document: they may map to <unk>)."""
@@ -109,10 +109,11 @@ def tokenizer_texts(files: dict[str, Path]) -> list[str]:
         path = files[name]
         if not path.exists() or path.suffix != ".jsonl":
             continue
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            texts += [row.get("title", ""), row.get("text", ""), row.get("question", ""),
-                      " ".join(map(str, row.get("answers", [])))]
+        for _, row in jsonl_rows(utf8_text(path.read_bytes(), path, DataError), path, DataError,
+                                 [] if skip_bad else None):  # bad rows: reported by the loaders
+            if isinstance(row, dict):
+                texts += [str(row.get(k, "")) for k in ("title", "text", "question")]
+                texts.append(" ".join(map(str, row.get("answers", []))) if isinstance(row.get("answers"), list) else "")
     return texts
 
 

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from sidpt.env.base import EnvState, StepResult
 from sidpt.errors import ConfigError
-from sidpt.env.search.bm25 import BM25, Doc, jsonl_rows, load_bm25, tokenize, utf8_text
+from sidpt.env.search.bm25 import BM25, Doc, jsonl_rows, load_bm25, parse_rows, tokenize, utf8_text
 from sidpt.env.search.scoring import exact_match, token_f1
 
 SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
@@ -134,9 +134,10 @@ def as_question(row: Any, where: str = "<row>", default_id: str = "") -> Questio
     return Question(str(qid), q.strip(), [str(a) for a in ans], meta, where)
 
 
-def load_questions(path: str | os.PathLike) -> list[Question]:
+def load_questions(path: str | os.PathLike, skipped: list[str] | None = None) -> list[Question]:
     """Questions from a JSONL file, or a ``.parquet`` file (with pyarrow), in any layout ``as_question``
-    accepts (ids default to the line or row number)."""
+    accepts (ids default to the line or row number). A malformed row raises naming file and line,
+    or with ``skipped`` (``env.bad_rows = "skip"``) is recorded there and left out."""
     if Path(path).suffix == ".parquet":  # Search-R1 ships its questions as parquet
         try:
             import pyarrow.parquet as pq
@@ -146,10 +147,12 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a bad file
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
-        return [as_question(row, f"{path}:row {i}", default_id=str(i)) for i, row in enumerate(rows, 1)]
+        return parse_rows(((f"{path}:row {i}", row) for i, row in enumerate(rows, 1)),
+                          lambda row, where: as_question(row, where, default_id=where.rsplit(" ", 1)[1]), DataError,
+                          skipped)
     text = utf8_text(Path(path).read_bytes(), path, DataError)
-    return [as_question(row, where, default_id=where.rsplit(":", 1)[1])
-            for where, row in jsonl_rows(text, path, DataError)]
+    return parse_rows(jsonl_rows(text, path, DataError, skipped),
+                      lambda row, where: as_question(row, where, default_id=where.rsplit(":", 1)[1]), DataError, skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +238,10 @@ class SearchEnvConfig:
     """BM25 term-frequency saturation."""
     b: float = 0.75
     """BM25 length normalisation."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A malformed row in the corpus or a question file (invalid JSON, a missing field): stop with
+    its file and line (error), or leave it out, count it and list it in the run directory's
+    ``skipped_rows.txt`` (skip)."""
 
     def validate(self) -> None:
         for key in ("topk", "max_turns", "max_query_chars"):
@@ -255,10 +262,12 @@ class SearchEnv:
 
     def __init__(self, config: SearchEnvConfig, retriever: BM25 | None = None):
         config.validate()
+        self.skipped_rows: list[str] = []  # malformed corpus rows left out (bad_rows = "skip")
         if retriever is None:
             if not config.corpus:
                 raise ValueError("env.corpus: a corpus path is needed when no retriever is given")
-            retriever = load_bm25(config.corpus, config.k1, config.b)
+            retriever = load_bm25(config.corpus, config.k1, config.b,
+                                  skipped=self.skipped_rows if config.bad_rows == "skip" else None)
         self.cfg, self.retriever = config, retriever
 
     def reset(self, sample: Any) -> EnvState:
