@@ -352,12 +352,9 @@ class Config:
                 raise ConfigError(f"{k}={getattr(getattr(self, k.split('.')[0]), k.split('.')[1])!r}: "
                                   f"run.pipeline='async' runs on disaggregated placement (the reference on the trainer "
                                   f"ranks), without the publish check, mid-run evaluations and the speculative engine")
-        if (self.run.checkpoint_every or self.run.resume == "auto") and (
-                self.run.pipeline == "async" or self.run.reference_ranks):
-            k = "run.pipeline" if self.run.pipeline == "async" else "run.reference_ranks"
-            raise ConfigError(f"{k}={getattr(self.run, k.split('.')[1])!r}: training checkpoints cover the "
-                              f"synchronous pipeline with the reference on the trainer ranks (not yet the async "
-                              f"pipeline's state or reference ranks of their own)")
+        if (self.run.checkpoint_every or self.run.resume == "auto") and self.run.reference_ranks:
+            raise ConfigError(f"run.reference_ranks={self.run.reference_ranks}: training checkpoints hold the KL "
+                              f"reference of the trainer ranks, not of reference ranks of their own")
         if self.train.min_lr_frac > 1:
             raise ConfigError(f"train.min_lr_frac={self.train.min_lr_frac}: must be <= 1 (a fraction of the peak lr)")
         if self.algo.eps_low >= 1:

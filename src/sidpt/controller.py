@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sidpt.batch import ADVANTAGES, FINISH_ERROR, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, trajectories_to_batch
-from sidpt.checkpoint import load_training_state, newest_checkpoint, save_policy, save_training_state
+from sidpt.checkpoint import PIPELINE, load_training_state, newest_checkpoint, save_policy, save_training_state
 from sidpt.config import Config, ConfigError
 from sidpt.data import episode_seed, step_indices
 from sidpt.dist.plan import Plan, build_plan
@@ -89,6 +89,7 @@ class Run:
     reward_fn: Callable | None
     timers: Timers
     guard: Guard  # environment and reward calls, isolated (task.faults)
+    resumed_from: Path | None = None  # the checkpoint this run resumed from (``resume``)
 
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
@@ -132,7 +133,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         console.print(f"held-out {'at resume (step ' + str(start) + ')' if start else 'before RL'}: "
                       f"{describe(results[first], task.eval_columns)}")
     with _progress(console, "GRPO", cfg.run.steps - start) as bar:
-        curve = async_steps(r, bar) if cfg.run.pipeline == "async" else sync_steps(r, bar, start)
+        curve = async_steps(r, bar, start) if cfg.run.pipeline == "async" else sync_steps(r, bar, start)
     if curve:  # an eval-only run (no RL step) evaluates once: no "after" identical to "before"
         results["after"] = evaluate_heldout(r, "after", curve[-1][0] + 1)
     finish(r, results, curve, policy.args, curve[-1][0] + 1 if curve else start)
@@ -155,10 +156,16 @@ def sync_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 and r.trainer:
             save_training_state(r.trainer, r.run_dir, step + 1, cfg.run.keep_checkpoints, r.world.rank,
                                 r.world.rank == r.plan.main_trainer, r.trainer.group)
-        if (r.world.rank, step) == (cfg.run.kill_rank, cfg.run.kill_step) and \
-                os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests/spine/test_resume.py)
+        kill_switch(r, step)
     return curve
+
+
+def kill_switch(r: Run, step: int) -> None:
+    """Fault injection (``run.kill_rank`` / ``run.kill_step``; tests/spine/test_resume.py,
+    tools/fault_drill.py): SIGKILL this rank after ``step``, on the job's first attempt only."""
+    if (r.world.rank, step) == (r.cfg.run.kill_rank, r.cfg.run.kill_step) and \
+            os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resume(r: Run) -> int:
@@ -173,6 +180,7 @@ def resume(r: Run) -> int:
     step = (load_training_state(r.trainer, path, r.world.rank, r.trainer.group) if r.trainer
             else int(json.loads((path / "controller.json").read_text())["step"]))
     r.console.print(f"resumed from {path}: {step} RL steps done")
+    r.resumed_from = path
     publish(r, version=step)
     return step
 
@@ -223,15 +231,16 @@ def sampling_params(r: Run) -> SamplingParams:
 # -- the async pipeline (run.pipeline = "async", disaggregated) ---------------------------------
 
 
-def async_steps(r: Run, bar) -> list[tuple[int, float]]:
-    """The async pipeline: rollout ranks stream episodes (``stream_rollouts``) while the trainer
-    ranks train (``train_async``); at the end the main rank logs the merged rows, step by step."""
+def async_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
+    """The async pipeline from step ``start``: rollout ranks stream episodes (``stream_rollouts``)
+    while the trainer ranks train (``train_async``); at the end the main rank logs the merged rows,
+    step by step (a resumed run's earlier steps: the trainer's rows, from the checkpoint)."""
     plan, out, done = r.plan, [], 0  # done: the RL steps trained (every rank learns it)
     if plan.rollout_enabled:
-        rows = stream_rollouts(r, bar)
+        rows = stream_rollouts(r, bar, start)
         out, done = [("rollout", rows)], max(rows, default=0)
     elif plan.trainer_enabled:
-        done = train_async(r)
+        done = train_async(r, start)
         if r.world.rank == plan.main_trainer:
             out = [("trainer", [dict(row) for row in r.log.rows if "step" in row])]
     merged, trainer_rows = RolloutState(), []
@@ -258,7 +267,7 @@ class RolloutState:
     """A rollout rank's side of the async pipeline, explicit (what a pipeline checkpoint holds with
     the runner's jobs): the group claimed next and the sums logged per version."""
 
-    claimed: int | None = None  # the next group this rank runs, waiting for recent enough weights
+    claimed: tuple | None = None  # the next unit this rank runs (``GroupClaims.next``), waiting for recent enough weights
     rows: dict[int, dict] = field(default_factory=dict)  # version -> name -> (sum, count) or total
 
     def add(self, version: int, sums: dict) -> None:
@@ -268,19 +277,22 @@ class RolloutState:
                 else acc.get(k, 0.0) + v
 
 
-def stream_rollouts(r: Run, bar) -> dict[int, dict]:
+def stream_rollouts(r: Run, bar, start: int = 0) -> dict[int, dict]:
     """A rollout rank of the async pipeline. Group ``i`` (group ``i % B`` of step ``i // B``, the
     synchronous run's prompts and seeds; which rank runs it: ``rollout.assign``) starts once this
     rank holds weights no older than ``lookahead`` versions before its step; the engine steps; every ended episode is sent at once;
     new weights are taken between engine steps (``take_weights``). Waits only when no group may
-    start. Returns its rows by version (the last one: the steps the trainer trained)."""
+    start. Resumed (``start`` > 0), it first runs the samples the checkpoint lacks (docs/async.md,
+    "Checkpoints"). Returns its rows by version (the last one: the steps the trainer trained)."""
     cfg, c, plan, engine = r.cfg, r.cfg.rollout, r.plan, r.engine
     B, (dp, R) = c.prompts_per_step, plan.rollout_dp
     ahead = lookahead(cfg.train.schedule, c.max_staleness)
     runner = EpisodeRunner(engine, r.task.env, sampling_params(r), r.tok.encode, r.tok.decode)
     weights = WeightReceiver(engine.model, cfg.train.publish_bucket_mb, plan.main_trainer, plan.weight_group)
     sender, state = TrajectorySender(plan.main_trainer, plan.stream_groups[dp]), RolloutState()
-    claims = GroupClaims(c.assign, B, dp, R, c.max_staleness)
+    saved = torch.load(r.resumed_from / PIPELINE, weights_only=True) if r.resumed_from else {"redo": [], "first": 0}
+    claims = GroupClaims(c.assign, B, dp, R, c.max_staleness, saved["redo"], saved["first"],
+                         attempt=f"{start}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     share = -(-(ahead + 1) * B // R) * c.group_size  # its share of the groups the bound lets start
     delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
     while True:
@@ -289,11 +301,12 @@ def stream_rollouts(r: Run, bar) -> dict[int, dict]:
         while (len(runner.jobs) < share and claims.may_claim()) or state.claimed is not None:
             if state.claimed is None:
                 state.claimed = claims.next()
-            i = state.claimed
+            i, samples = state.claimed
             if i // B > engine.policy_version + ahead:
                 break
             for job in group_jobs(r, i // B, i % B, i):
-                runner.add(job)
+                if samples is None or job.index in samples:
+                    runner.add(job)
             claims.started(i)
             state.claimed = None
         t0 = time.perf_counter()
@@ -342,19 +355,26 @@ def take_weights(r: Run, weights: WeightReceiver, runner: EpisodeRunner, version
     return out
 
 
-def train_async(r: Run) -> int:
-    """The trainer ranks of the async pipeline: per step, the main trainer rank's ``PipelineState``
-    chooses the batch from the trajectories streamed so far (``train.schedule``, waiting only when
-    the policy must), the batch is split over the trainer ranks by group, trained as in the
-    synchronous run (``train``), and the new version published; its rows stay in memory."""
+def train_async(r: Run, start: int = 0) -> int:
+    """The trainer ranks of the async pipeline from step ``start``: per step, the main trainer
+    rank's ``PipelineState`` chooses the batch from the trajectories streamed so far
+    (``train.schedule``, waiting only when the policy must), the batch is split over the trainer
+    ranks by group, trained as in the synchronous run (``train``), and the new version published;
+    its rows stay in memory. Checkpoints hold the pipeline too (``checkpoint_async``)."""
     cfg, plan, c = r.cfg, r.plan, r.cfg.rollout
     main = r.world.rank == plan.main_trainer
     group = plan.group_of(plan.trainer_mesh)
     pipe = PipelineState(cfg.train.schedule, c.prompts_per_step, c.group_size, c.max_staleness,
                          cfg.train.bias_window) if main else None
     rx = TrajectoryReceiver(plan.rollout_ranks, plan.stream_groups) if main else None
+    if main and r.resumed_from:  # the schedule's state and the trainer's rows so far
+        saved = torch.load(r.resumed_from / PIPELINE, weights_only=True)
+        pipe.load_state_dict(saved["schedule"])
+        r.log.rows.extend(saved["rows"])
+        restored = {"pipeline/restored_pending": float(len(saved["schedule"]["pending"])),  # logged at `start`
+                    "pipeline/redo_samples": float(sum(len(idx) for _, idx in saved["redo"]))}
     delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
-    for step in range(cfg.run.steps):
+    for step in range(start, cfg.run.steps):
         if r.stop.requested(group):
             break
         t0 = time.perf_counter()
@@ -370,6 +390,7 @@ def train_async(r: Run) -> int:
                             plan.weight_group, send=main)
         if main:
             stats.update(pipe.metrics(chosen))
+            stats.update(restored if step == start and r.resumed_from else {})
             pipe.advance()
             n = float(len(chosen))
             stats.update({"reward/mean": sum(t.reward for t in chosen) / n, "rollout/trained_seqs": n,
@@ -377,12 +398,32 @@ def train_async(r: Run) -> int:
         row = {**stats, **r.timers.pop(), "time/step": time.perf_counter() - t0, "policy_version": step + 1}
         row["perf/trained_samples_per_s"] = row.get("rollout/trained_seqs", 0.0) / max(row["time/step"], 1e-9)
         r.log.log(step, row)
+        if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
+            checkpoint_async(r, pipe, rx, step + 1, main, group)
+        kill_switch(r, step)
     publish_version([], STOP, plan.main_trainer, plan.weight_group, send=main)
     if main:
         unused = float(rx.join())  # trajectories that arrived after the last step's choice
         if r.log.rows and "step" in r.log.rows[-1]:
             r.log.rows[-1]["pipeline/unused_at_end"] = unused
     return sum("step" in row for row in r.log.rows)
+
+
+def checkpoint_async(r: Run, pipe: PipelineState | None, rx: TrajectoryReceiver | None, step: int, main: bool,
+                     group) -> None:
+    """A training checkpoint with the pipeline's trainer side (what arrived so far, the schedule's
+    state, the rows) and the work a resume must redo (``PipelineState.missing``): the trajectories
+    still running or on their way are not held, they are generated again from their prompts by
+    the resumed run's weights, so the staleness bound holds (docs/async.md, "Checkpoints")."""
+    saved = None
+    if main:
+        for t in rx.drain():
+            pipe.add(t)
+        redo, first = pipe.missing()
+        saved = {"schedule": pipe.state_dict(), "rows": [dict(row) for row in r.log.rows if "step" in row],
+                 "redo": redo, "first": first}
+    save_training_state(r.trainer, r.run_dir, step, r.cfg.run.keep_checkpoints, r.world.rank, main, group,
+                        pipeline=saved)
 
 
 def next_batch(pipe: PipelineState, rx: TrajectoryReceiver, patience_s: float = 600.0) -> list:

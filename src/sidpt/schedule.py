@@ -37,6 +37,7 @@ with their versions; what was trained and dropped): what a checkpoint of the pip
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -172,3 +173,27 @@ class PipelineState:
 
     def advance(self) -> None:
         self.step += 1
+
+    def state_dict(self) -> dict:
+        """Everything above as plain containers (``torch.load(..., weights_only=True)`` reads it
+        back): what a checkpoint of the async pipeline holds on the trainer side."""
+        return {"step": self.step, "pending": [dataclasses.astuple(t) for m in self.pending.values() for t in m.values()],
+                "order": dict(self.order), "arrivals": self.arrivals, "trained": dict(self.trained),
+                "rewards": {g: list(v) for g, v in self.rewards.items()}, "dead": set(self.dead),
+                "next_group": self.next_group, "dropped": self.dropped, "events": list(self.events),
+                "totals": dict(self.totals)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for t in (Trajectory(*row) for row in sd["pending"]):
+            self.pending.setdefault(t.group, {})[t.index] = t
+        self.step, self.order, self.arrivals, self.trained = sd["step"], sd["order"], sd["arrivals"], sd["trained"]
+        self.rewards, self.dead, self.next_group, self.dropped = sd["rewards"], sd["dead"], sd["next_group"], sd["dropped"]
+        self.events, self.totals = deque(sd["events"]), sd["totals"]
+
+    def missing(self) -> tuple[list[tuple[int, tuple[int, ...]]], int]:
+        """The work a resumed pipeline must redo: every sample of a group below the newest one that
+        ever arrived which never arrived (it was running, or on its way, when the checkpoint was
+        taken), group by group; and the first group no sample of which arrived."""
+        first = max((g for g, _ in self.order), default=-1) + 1
+        redo = [(g, tuple(j for j in range(self.G) if (g, j) not in self.order)) for g in range(first)]
+        return [(g, idx) for g, idx in redo if idx and g not in self.dead], first

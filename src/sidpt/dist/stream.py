@@ -59,26 +59,32 @@ class GroupClaims:
     deadlocks. Until one of its trajectories has ended, a rank runs one group at a time: a slow
     rank's first claims would otherwise hold a whole share of the admission window."""
 
-    KEY = "sidpt/async/next_group"
+    KEY = "sidpt/async/next_unit"
     SLACK = 4.0
 
-    def __init__(self, mode: str, B: int, dp: int, R: int, k: int):
-        self.mode, self.B, self.dp, self.R, self.k, self.last = mode, B, dp, R, k, -1
+    def __init__(self, mode: str, B: int, dp: int, R: int, k: int,
+                 redo: list[tuple[int, tuple[int, ...]]] = (), first: int = 0, attempt: str = "0"):
+        self.mode, self.B, self.dp, self.R, self.k, self.n = mode, B, dp, R, k, -1
+        self.redo, self.first = list(redo), first  # a resumed pipeline's work (``PipelineState.missing``)
         self.store = dist.distributed_c10d._get_default_store() if mode == "claim" else None
+        self.key = f"{self.KEY}/{attempt}"  # a fresh counter per start and restart (the store may outlive one)
         self.start: dict[int, float] = {}
         self.latencies: deque = deque(maxlen=32)
         self.period: float | None = None
         self.last_version = time.perf_counter()
 
-    def next(self) -> int:
-        if self.store is not None:
-            self.last = self.store.add(self.KEY, 1) - 1  # atomic over the ranks: each index to one rank
-            return self.last
-        i = self.last + 1
-        while (i % self.B) % self.R != self.dp:
-            i += 1
-        self.last = i
-        return i
+    def next(self) -> tuple[int, tuple[int, ...] | None]:
+        """The next work unit: (group, the samples to run; None: all of them). Units are the
+        resumed pipeline's ``redo`` list, then every group from ``first``; ``claim``: the next
+        unit over all ranks (the store's atomic counter), ``static``: the next of this rank's."""
+        while True:
+            if self.store is not None:
+                self.n = self.store.add(self.key, 1) - 1  # atomic over the ranks: each unit to one rank
+            else:
+                self.n += 1
+            g, idx = self.redo[self.n] if self.n < len(self.redo) else (self.first + self.n - len(self.redo), None)
+            if self.store is not None or (g % self.B) % self.R == self.dp:
+                return g, idx
 
     def started(self, i: int) -> None:
         self.start[i] = time.perf_counter()

@@ -7,6 +7,7 @@ when the world has more than one rank (gloo on CPU, NCCL for CUDA tensors when G
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,23 @@ def init_world() -> World:
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=rank, world_size=world_size,
+                                store=attempt_store(rank, world_size))
     return World(rank, world_size, local_rank, device)
+
+
+def attempt_store(rank: int, world_size: int):
+    """Under torchrun, its store seen under a prefix of this attempt (None otherwise: env://).
+    The store torchrun's agent hosts outlives a restart (``--max-restarts``), so the restarted
+    ranks found the failed attempt's gloo addresses there and connected to dead ports
+    ("connectFullMesh failed ... Connection refused": 3 ranks on this CPU, 2 of 2 tries)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_PORT" not in os.environ:
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it, as env:// does
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "localhost"), int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent and rank == 0, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"sidpt/attempt_{attempt}", store)
 
 
 def barrier(group=None) -> None:
