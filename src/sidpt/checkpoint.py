@@ -19,7 +19,11 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sidpt.files import atomic_write
-from sidpt.model import save_checkpoint
+from sidpt.model import CheckpointError, ModelArgs, build_model, read_args, save_checkpoint
+from sidpt.model.hf_io import hf_config_from_args
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def save_policy(full_weights, tok, args, out: Path, write: bool) -> None:
@@ -31,9 +35,36 @@ def save_policy(full_weights, tok, args, out: Path, write: bool) -> None:
         if write:
             state.update({k: v.detach().clone() for k, v in bucket.items()})
     if write:
-        extra = {n: tok.path / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                                           "chat_template.jinja") if (tok.path / n).exists()}
+        extra = {n: tok.path / n for n in TOKENIZER_FILES if (tok.path / n).exists()}
         save_checkpoint(out, args, state, extra_files=extra)
+
+
+def hf_files(args: ModelArgs, dtype: torch.dtype, tok_dir: Path) -> dict[str, str | Path]:
+    """What a training checkpoint carries to be exported as an HF checkpoint (``export_hf``): the
+    model's config.json (text) and the tokenizer's files (paths to copy)."""
+    files: dict[str, str | Path] = {"config.json": json.dumps(hf_config_from_args(args, dtype), indent=1)}
+    files.update({n: Path(tok_dir) / n for n in TOKENIZER_FILES if (Path(tok_dir) / n).exists()})
+    return files
+
+
+def export_hf(checkpoint: Path, out: Path) -> Path:
+    """A training checkpoint's policy as an HF checkpoint at ``out`` (config.json, safetensors, the
+    tokenizer files), in one process: what ``--model.path`` and transformers load."""
+    problem = verify(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"{checkpoint}: not a complete checkpoint ({problem})")
+    if not (checkpoint / "config.json").exists():
+        raise CheckpointError(f"{checkpoint}: no config.json (written by sidpt before HF export existed)")
+    args = read_args(checkpoint)
+    dtype = getattr(torch, json.loads((checkpoint / "config.json").read_text()).get("torch_dtype", "float32"))
+    model = build_model(args, dtype=dtype)
+    state = {"model": model.state_dict()}
+    reader = SafeReader(str(checkpoint))
+    reader.read_metadata()
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    save_checkpoint(out, args, state["model"],
+                    extra_files={n: checkpoint / n for n in TOKENIZER_FILES if (checkpoint / n).exists()})
+    return out
 
 
 # -- training checkpoints (resume) ------------------------------------------------------------
@@ -43,6 +74,9 @@ def save_policy(full_weights, tok, args, out: Path, write: bool) -> None:
 #                                            (and the KL reference when the trainer holds one)
 #       controller.json                      step, policy version
 #       rng_rank<r>.pt                       every trainer rank's torch RNG state
+#       pipeline.pt                          the async pipeline: schedule state, arrived trajectories,
+#                                            the trainer's rows, the work to redo (weights_only)
+#       config.json, tokenizer files         for ``export_hf`` (tools/export_checkpoint.py)
 #       manifest.json                        sha256 and size of every file above (written last)
 #
 # Written under ``.tmp-step_...`` by the trainer ranks, then renamed by the main trainer rank once
@@ -67,10 +101,11 @@ def _sha256(path: Path) -> str:
 
 
 def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int, main: bool, group,
-                        pipeline: dict | None = None, report=None) -> Path | None:
+                        pipeline: dict | None = None, hf: dict[str, str | Path] | None = None,
+                        report=None) -> Path | None:
     """The trainer's state after ``step`` RL steps (collective on the trainer ranks ``group``);
     the main trainer rank writes ``pipeline`` (the async pipeline's state: tensors, numbers, lists,
-    loadable with ``weights_only``) and the manifest, publishes the directory by rename and keeps
+    loadable with ``weights_only``), ``hf`` (``hf_files``: for ``export_hf``) and the manifest, publishes the directory by rename and keeps
     the newest ``keep``. A write the file system refuses (disk full, quota) on any rank leaves no
     trace: the temporary directory is removed, the previous checkpoints stand, ``report`` says so
     and None is returned (the run goes on; the next checkpoint tries again). ``report``: stderr."""
@@ -86,6 +121,11 @@ def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int,
         torch.save(torch.get_rng_state(), tmp / f"rng_rank{rank}.pt")
         if main and pipeline is not None:
             torch.save(pipeline, tmp / PIPELINE)
+        for name, src in (hf or {}).items() if main else ():
+            if isinstance(src, Path):
+                shutil.copyfile(src, tmp / name)
+            else:
+                atomic_write(tmp / name, src)
     except (OSError, CheckpointException) as e:
         if isinstance(e, CheckpointException) and not all(
                 isinstance(exc, OSError) for exc, _ in e.failures.values()):
@@ -212,10 +252,6 @@ class SafeReader(dcp.FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded safely (named)."""
 
 
 def load_training_state(trainer, path: Path, rank: int, group) -> int:

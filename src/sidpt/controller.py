@@ -38,7 +38,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sidpt.batch import ADVANTAGES, FINISH_ERROR, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, trajectories_to_batch
-from sidpt.checkpoint import PIPELINE, load_training_state, newest_checkpoint, save_policy, save_training_state
+from sidpt.checkpoint import (
+    PIPELINE, hf_files, load_training_state, newest_checkpoint, save_policy, save_training_state,
+)
 from sidpt.config import Config, ConfigError
 from sidpt.data import episode_seed, step_indices
 from sidpt.dist.plan import Plan, build_plan
@@ -155,7 +157,7 @@ def sync_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
             evaluate_heldout(r, f"step{step + 1}", step)
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0 and r.trainer:
             save_training_state(r.trainer, r.run_dir, step + 1, cfg.run.keep_checkpoints, r.world.rank,
-                                r.world.rank == r.plan.main_trainer, r.trainer.group)
+                                r.world.rank == r.plan.main_trainer, r.trainer.group, hf=checkpoint_hf_files(r))
         kill_switch(r, step)
     return curve
 
@@ -423,7 +425,13 @@ def checkpoint_async(r: Run, pipe: PipelineState | None, rx: TrajectoryReceiver 
         saved = {"schedule": pipe.state_dict(), "rows": [dict(row) for row in r.log.rows if "step" in row],
                  "redo": redo, "first": first}
     save_training_state(r.trainer, r.run_dir, step, r.cfg.run.keep_checkpoints, r.world.rank, main, group,
-                        pipeline=saved)
+                        pipeline=saved, hf=checkpoint_hf_files(r))
+
+
+def checkpoint_hf_files(r: Run) -> dict:
+    """What makes a training checkpoint exportable as an HF checkpoint (tools/export_checkpoint.py)."""
+    model = r.trainer.model
+    return hf_files(model.args, next(model.parameters()).dtype, r.tok.path)
 
 
 def next_batch(pipe: PipelineState, rx: TrajectoryReceiver, patience_s: float = 600.0) -> list:

@@ -65,6 +65,14 @@ def test_resume_is_bitwise_and_skips_a_truncated_checkpoint(tmp_path, placement)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "part" / "results.json").read_text())["rl_steps"] == 6
+    # the newest checkpoint exports as an HF checkpoint: the policy the run saved, tokenizer included
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/export_checkpoint.py"), str(tmp_path / "part")],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "part" / "hf_step_000006"
+    assert f"-> {out}" in proc.stdout and (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    c = load_file(next(out.glob("*.safetensors")))
+    assert c.keys() == b.keys() and all(torch.equal(b[k], c[k]) for k in b)
 
 
 ASYNC = ["--run.placement=disaggregated", "--run.rollout_ranks=1", "--run.pipeline=async"]
