@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -126,10 +127,8 @@ def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int,
                 shutil.copyfile(src, tmp / name)
             else:
                 atomic_write(tmp / name, src)
-    except (OSError, CheckpointException) as e:
-        if isinstance(e, CheckpointException) and not all(
-                isinstance(exc, OSError) for exc, _ in e.failures.values()):
-            raise
+    except (OSError, RuntimeError, CheckpointException) as e:  # only writes above: a refused write
+        # (torch.save's zip writer turns EFBIG / ENOSPC into "RuntimeError: ... unexpected pos")
         error = e
     if _any_failed(error is not None, trainer, group):
         if main:
@@ -137,8 +136,9 @@ def save_training_state(trainer, run_dir: Path, step: int, keep: int, rank: int,
             kept = sorted(final.parent.glob("step_*"))
             report = report or Console(stderr=True).print
             why = _os_error(error) if error is not None else "failed on another trainer rank"
-            report(f"[red]checkpoint {final.name} not written ({why}); the previous one stands: "
-                   f"{kept[-1] if kept else 'none'}[/]")
+            free = shutil.disk_usage(final.parent).free / 2**20
+            report(f"[red]checkpoint {final.name} not written ({escape(why)}; {free:.0f} MiB free there); the previous "
+                   f"one stands: {kept[-1] if kept else 'none'}[/]")
         return None
     if main:
         atomic_write(tmp / "controller.json", json.dumps({"step": step, "policy_version": step}))

@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.markup import escape
+
 from sidpt.env.base import EnvState, StepResult
 from sidpt.errors import ConfigError
 
@@ -102,7 +104,7 @@ class Guard:
         if self.report is not None and self.count <= 3:
             more = " (further faults: counted in rollout/faults, logged only)" if self.count == 3 else ""
             where = f" -> {self.log_path}" if self.log_path is not None else ""
-            self.report(f"[yellow]fault isolated: {what} on sample {name}: {error}; reward 0{where}{more}[/]")
+            self.report(f"[yellow]fault isolated: {escape(f'{what} on sample {name}: {error}')}; reward 0{where}{more}[/]")
         return Fault(error)
 
 
