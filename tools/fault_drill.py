@@ -167,7 +167,7 @@ def common(out: Path, name: str) -> list[str]:
 
 def _said(res: Result, text: str) -> str:
     line = next((line for _, _, line in res.lines if text in line), "")
-    return line.strip()[:110]
+    return line.strip()[:170]
 
 
 # -- the faults: each returns (detected, survived, data lost, recover seconds or text) -------------
@@ -248,11 +248,12 @@ def isolation(out: Path, name: str, args: list[str]):
     faults = sum(r["rollout/faults"] for r in rows)
     logged = len((out / name / "faults_rank0.jsonl").read_text().splitlines())
     episodes = sum(r["rollout/episodes"] for r in rows)
-    kinds = {json.loads(line)["error"].split(":")[0] for line in (out / name / "faults_rank0.jsonl").read_text().splitlines()}
+    logs = [json.loads(line) for line in (out / name / "faults_rank0.jsonl").read_text().splitlines()]
+    kinds = {row["error"].split(":")[0] for row in logs}
     ok = faults > 0 and episodes == EPISODES and logged >= faults
     lost = f"none ({episodes:.0f}/{EPISODES} episodes; {faults:.0f} faulted, scored 0, logged)" if ok else "episodes lost"
-    return (f"rollout/faults {faults:.0f} ({', '.join(sorted(kinds))}); faults_rank0.jsonl {logged} rows", True, lost,
-            1.0)
+    return (f"rollout/faults {faults:.0f} ({', '.join(sorted(kinds))}); faults_rank0.jsonl {logged} rows (RL and "
+            f"held-out)", True, lost, max(row["held_s"] for row in logs))  # the longest a faulted call held the rollout
 
 
 def reward_fault(out: Path, ref: Path):

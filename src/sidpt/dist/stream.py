@@ -47,8 +47,8 @@ STOP = -1  # the version header that ends the run
 
 
 class GroupClaims:
-    """The pipeline group indices this rollout rank runs, in increasing order (see the module
-    docstring). In ``claim`` mode a rank also paces itself: it claims a group only while its
+    """The work units this rollout rank runs, in order (see the module docstring): pipeline
+    groups in increasing order, after a resume first the samples the checkpoint lacked (``next``). In ``claim`` mode a rank also paces itself: it claims a group only while its
     trajectories' latency (from its group's start to its end: the p90 of the last 32, or the age of
     its oldest group still running if larger) is at most
     ``SLACK x (k + 1)`` trainer steps (the mean interval between the versions it receives, or the

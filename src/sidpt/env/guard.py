@@ -20,6 +20,7 @@ import json
 import math
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,12 +64,13 @@ class Guard:
     def call(self, what: str, sample: Any, fn: Callable, *args) -> Any:
         """``fn(*args)``, or ``Fault`` (already logged) when it raises or outlives the timeout;
         ``mode = "error"``: a ConfigError naming ``what`` and the sample."""
+        t0 = time.perf_counter()
         try:
             return self._run(fn, args)
         except Fault as e:
-            raise self.fault(what, sample, str(e), args) from None
+            raise self.fault(what, sample, str(e), args, time.perf_counter() - t0) from None
         except Exception as e:  # noqa: BLE001 - user code
-            raise self.fault(what, sample, f"{type(e).__name__}: {e}", args) from e
+            raise self.fault(what, sample, f"{type(e).__name__}: {e}", args, time.perf_counter() - t0) from e
 
     def _run(self, fn: Callable, args: tuple) -> Any:
         if self.timeout_s <= 0:
@@ -85,9 +87,9 @@ class Guard:
             raise value
         return value
 
-    def fault(self, what: str, sample: Any, error: str, args: tuple = ()) -> Exception:
-        """Count and log one fault; returns the exception to raise (``Fault``, or ConfigError in
-        ``mode = "error"``)."""
+    def fault(self, what: str, sample: Any, error: str, args: tuple = (), held_s: float = 0.0) -> Exception:
+        """Count and log one fault (``held_s``: how long the call held the caller); returns the
+        exception to raise (``Fault``, or ConfigError in ``mode = "error"``)."""
         sid = getattr(sample, "id", None)
         name = repr(sid) if sid is not None else repr(sample)[:200]
         if self.mode == "error":
@@ -97,6 +99,7 @@ class Guard:
         text = next((a for a in args if isinstance(a, str)), None)
         if self.log_path is not None:
             row = {"fault": what, "error": error, "sample": str(sid) if sid is not None else repr(sample)[:500],
+                   "held_s": round(held_s, 4),
                    **({"text": text[-2000:]} if text is not None else {})}
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
