@@ -37,28 +37,9 @@ from rich.console import Console
 from rich.table import Table
 
 from sidpt.model import SIZES, build_model, load_checkpoint, save_checkpoint
+from sidpt.flops import measure_peaks
 from sidpt.model.model import ModelArgs
 from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
-
-
-def measure_rates(repeats: int = 5) -> tuple[float, float]:
-    """(matmul FLOP/s, copy bytes/s) on this machine, now."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    flops = 2 * 1024**3 / best
-    x, y = torch.empty(64 * 2**20), torch.randn(64 * 2**20)  # 256 MiB each
-    x.copy_(y)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.copy_(y)
-        best = min(best, time.perf_counter() - t)
-    return flops, 2 * x.numel() * 4 / best
 
 
 def roofline_seconds(args: ModelArgs, B: int, prompt: int, new: int, F: float, W: float) -> float:
@@ -204,7 +185,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     if load > 0.5:
         console.print(f"[yellow]load average {load:.2f}: another process is busy, timings will be low[/]")
-    F, W = measure_rates()
+    peaks = measure_peaks(repeats=5, copy_mb=256)  # this CPU now: fp32 GEMM and copy (as every run, longer)
+    F, W = peaks.flops, peaks.bytes
     console.print(f"measured: matmul {F / 1e9:.1f} GFLOP/s, copy {W / 1e9:.2f} GB/s (read + write)")
 
     table = Table(title=f"{'sampled (T=1)' if a.sample else 'greedy'} decode, prompt {a.prompt_len}, {a.new_tokens} new tokens, fp32, "

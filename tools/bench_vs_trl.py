@@ -559,7 +559,7 @@ def check_load(console, what: str = "") -> float:
 
 
 def main() -> None:
-    from bench_rollout import measure_rates  # this directory: the same GEMM peak as the rollout benchmark
+    from sidpt.flops import measure_peaks  # the GEMM peak every run logs
 
     from sidpt.model import SIZES
 
@@ -652,7 +652,7 @@ def main() -> None:
                 console.print("sidpt / TRL samples/s per round: " + ", ".join(f"{x:.2f}x" for x in per))
                 out_rows.append({"kind": "rounds", "flat_share_target": share, "ratios": per})
             out_rows.append({"kind": "pooled", "flat_share_target": share, **{n: v for n, v in sums.items()}})
-            peak = measure_rates()[0]  # the GEMM peak, beside each workload
+            peak = measure_peaks(repeats=5, copy_mb=256).flops  # the GEMM peak, beside each workload
             utilisation_table(console, sums, args.num_params(embeddings=False) + args.vocab_size * args.dim, peak)
             out_rows.append({"kind": "peak", "flat_share_target": share, "matmul_flops": peak})
             atomic_write(out, "".join(json.dumps(r) + "\n" for r in out_rows))  # after each workload

@@ -37,7 +37,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sidpt.batch import ADVANTAGES, FINISH_ERROR, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, trajectories_to_batch
+from sidpt.batch import (
+    ADVANTAGES, FINISH_ERROR, LOSS_MASK, OLD_LOGPROBS, REF_LOGPROBS, ROLLOUT_LOGPROBS, SEQ_LEN, trajectories_to_batch,
+)
 from sidpt.checkpoint import (
     PIPELINE, hf_files, load_training_state, newest_checkpoint, save_policy, save_training_state,
 )
@@ -54,6 +56,7 @@ from sidpt.env import load_environment, load_reward, score
 from sidpt.env.base import FINISH_CODES
 from sidpt.env.guard import Guard, GuardedEnv
 from sidpt.evaluate import describe, evaluate, reduce_metrics, summary, write_results
+from sidpt.flops import Peaks, device_peaks, forward_cost, train_cost
 from sidpt.metrics import MetricsLog, Timers
 from sidpt.model import Transformer
 from sidpt.model.model import compute_dtype, count_params
@@ -92,6 +95,7 @@ class Run:
     timers: Timers
     guard: Guard  # environment and reward calls, isolated (task.faults)
     resumed_from: Path | None = None  # the checkpoint this run resumed from (``resume``)
+    peaks: Peaks | None = None  # this rank's device peaks (``flops.device_peaks``), for the utilisation figures
 
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
@@ -117,6 +121,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                   f"trainer {plan.trainer_ranks}); env {cfg.env['name']}; model {policy.args.family} "
                   f"{count_params(policy) / 1e6:.2f}M params, vocab {policy.args.vocab_size}; run dir {run_dir}")
     console.print(threads_note(threads, local_ranks))
+    r.peaks = device_peaks(world.device)  # every rank, at once: what each can do while all run
+    console.print(f"device peak: {r.peaks.flops / 1e9:.1f} GFLOP/s, {r.peaks.bytes / 1e9:.1f} GB/s ({r.peaks.source})")
     publish(r, version=0)
     start = resume(r)  # the RL steps a checkpoint already holds (run.resume; 0: a fresh run)
     if cfg.sft.steps and not start:
@@ -192,6 +198,7 @@ def rl_step(r: Run, step: int) -> dict[str, float]:
     cfg, plan, t0 = r.cfg, r.plan, time.perf_counter()
     episodes, batch, stats = [], None, {}
     if plan.rollout_enabled:
+        work = dict(r.engine.stats)  # the engine's FLOPs and bytes so far (``step_row`` takes the step's)
         with r.timers("rollout"):
             episodes = score(generate(r, step), r.reward_fn, r.tok.decode, r.guard)
             batch = episodes_to_batch(episodes, FINISH_CODES, r.tok.pad_id or 0) if episodes else None
@@ -203,7 +210,7 @@ def rl_step(r: Run, step: int) -> dict[str, float]:
                                       cfg.train.warmup_steps, cfg.train.min_lr_frac))
     with r.timers("publish"):
         stats.update(publish(r, measure=True))
-    return step_row(r, episodes, stats, time.perf_counter() - t0)
+    return step_row(r, episodes, stats, time.perf_counter() - t0, work if plan.rollout_enabled else None)
 
 
 def generate(r: Run, step: int) -> list:
@@ -523,6 +530,7 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
     # One update per batch: pi_old is the training forward's own log-probs (no recompute forward)
     one_update = cfg.train.mini_batches == cfg.train.epochs == 1
     fused = cfg.train.fuse_old_logprobs and one_update and (only_signal or not lean)
+    t0 = time.perf_counter()
     with r.timers("recompute"):
         if not fused or trainer.reference is not None:  # pi_old, or only pi_ref for the fused step
             batch = trainer.recompute(batch, rows=keep if only_signal else None, policy=not fused)
@@ -533,6 +541,7 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
     kw = dict(agg=a.agg, loss=a.loss, loss_kwargs=_loss_kwargs(cfg), kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
               norm_len=cfg.rollout.max_new_tokens, keep=keep if lean else None)
     correct = lambda b: apply_correction(b, a.correction, a.correction_form)  # noqa: E731
+    t1 = time.perf_counter()
     with r.timers("train"):
         if fused:
             s, batch, corr = trainer.fused_step(batch, correct, **kw)
@@ -540,9 +549,33 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
             batch, corr = correct(batch)
             s = trainer.rl_step(batch, **kw, mini_batches=cfg.train.mini_batches, epochs=cfg.train.epochs)
     stats.update(s)
+    stats.update(trainer_utilisation(r, batch, keep if lean else None, keep if only_signal else None, fused,
+                                     cfg.train.epochs, (t1 - t0, time.perf_counter() - t1)))
     stats.update(mismatch_stats(batch, corr, keep if only_signal else slice(None), trainer))  # over pi_old's rows
     stats["train/lr"] = lr
     return stats
+
+
+def trainer_utilisation(r: Run, batch, trained, recomputed, fused: bool, epochs: int,
+                        seconds: tuple[float, float]) -> dict[str, float]:
+    """The trainer's model FLOPs this step (``sidpt.flops``: real tokens, dense attention, none of
+    the savings of packing or of the lean rows counted as work) and its MFU per phase: the FLOPs
+    over (peak x the phase's time), summed over the trainer ranks. ``trained`` / ``recomputed``:
+    the rows each phase ran on (None: all); the recompute also runs the KL reference's forward."""
+    args, lens = r.trainer.model.args, batch[SEQ_LEN].tolist()
+    resp = batch[LOSS_MASK].sum(-1).tolist()  # the tokens whose log-probs (logits) are computed
+
+    def rows(sel):
+        idx = range(len(lens)) if sel is None else [i for i, k in enumerate(sel.tolist()) if k]
+        return [lens[i] for i in idx], sum(resp[i] for i in idx)
+
+    train_flops = epochs * train_cost(args, *rows(trained)).flops
+    forwards = (0 if fused else 1) + (r.trainer.reference is not None)
+    rec_flops = forwards * forward_cost(args, *rows(recomputed)).flops
+    sums = all_reduce_sum([train_flops, rec_flops, r.peaks.flops * seconds[1], r.peaks.flops * seconds[0]],
+                          r.trainer.device, r.trainer.group)
+    return {"perf/train_tflop": sums[0] / 1e12, "perf/recompute_tflop": sums[1] / 1e12,
+            "perf/train_mfu": sums[0] / max(sums[2], 1e-9), "perf/recompute_mfu": sums[1] / max(sums[3], 1e-9)}
 
 
 def mismatch_stats(batch, corr, seen, trainer: Trainer) -> dict[str, float]:
@@ -619,9 +652,11 @@ def probe_check(trainer: Trainer, engine: Engine, probe: list[int], n: int = 2) 
     return float((lp[0].cpu()[gen] - torch.tensor(out.logprobs)[gen]).abs().max())
 
 
-def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> dict[str, float]:
+def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float, work: dict | None = None) -> dict[str, float]:
     """The step's metrics row: the episodes' statistics over the rollout mesh (the environment's
-    ``metrics`` as ``env/*``), the trainer's, the timers; merged on the main rank."""
+    ``metrics`` as ``env/*``), the engine's model FLOPs and bytes and their utilisation of the
+    peaks over the rollout time (``work``: the engine's stats before the step), the trainer's, the
+    timers; merged on the main rank."""
     plan = r.plan
     row = {}
     if plan.rollout_enabled:
@@ -630,8 +665,16 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float) -> di
                 "reward/mean": (sum(e.reward for e in episodes), n),
                 "rollout/response_tokens": (float(sum(sum(e.out.generated) for e in episodes)), n),
                 "rollout/seq_len": (float(sum(len(e.out.tokens) for e in episodes)), n)}
-        row = reduce_metrics(sums, r.world.device, plan.group_of(plan.rollout_mesh),
-                             totals={"rollout/episodes": n, "rollout/faults": float(sum("fault" in e.info for e in episodes))})
+        totals = {"rollout/episodes": n, "rollout/faults": float(sum("fault" in e.info for e in episodes))}
+        if work is not None and "flops" in work:  # the native engine (the speculative one does not count)
+            t = r.timers.times.get("rollout", 0.0)
+            totals.update({"perf/gen_tflop": (r.engine.stats["flops"] - work["flops"]) / 1e12,
+                           "perf/gen_gbyte": (r.engine.stats["bytes"] - work["bytes"]) / 1e9,
+                           "_peak_tflop": r.peaks.flops * t / 1e12, "_peak_gbyte": r.peaks.bytes * t / 1e9})
+        row = reduce_metrics(sums, r.world.device, plan.group_of(plan.rollout_mesh), totals=totals)
+        if "_peak_tflop" in row:  # over the rollout time, summed over the rollout ranks
+            row["perf/gen_mfu"] = row["perf/gen_tflop"] / max(row.pop("_peak_tflop"), 1e-12)
+            row["perf/gen_mbu"] = row["perf/gen_gbyte"] / max(row.pop("_peak_gbyte"), 1e-12)
         row["perf/gen_tokens_per_s"] = row["rollout/response_tokens"] * row["rollout/episodes"] / max(wall, 1e-9)
         row["policy_version"] = r.engine.policy_version
         if "drafted" in r.engine.stats:  # speculative rollouts: draft tokens the exact policy accepted, so far
@@ -681,7 +724,8 @@ def finish(r: Run, results: dict, curve: list, args, done: int) -> None:
                     write=r.world.rank == r.plan.main_trainer)
     if r.world.is_main:
         summary(r.console, results, r.task.eval_columns, r.run_dir, curve)
-        write_results(r.run_dir / "results.json", results, done, r.cfg, r.stop.signal, policy_dir)
+        write_results(r.run_dir / "results.json", results, done, r.cfg, r.stop.signal, policy_dir,
+                      device={"flops_per_s": r.peaks.flops, "bytes_per_s": r.peaks.bytes, "source": r.peaks.source})
         if r.stop.signal:
             r.console.print(f"[yellow]stopped by {r.stop.signal} after {done} of {r.cfg.run.steps} RL steps[/]; "
                             f"final evaluation, policy and results saved")

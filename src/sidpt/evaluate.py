@@ -78,9 +78,10 @@ def summary(console: Console, results: dict, columns, run_dir: Path, curve) -> N
     console.print(f"metrics: {run_dir / 'metrics.jsonl'}" + (f", curve: {run_dir / 'reward_curve.png'}" if curve else ""))
 
 
-def write_results(path: Path, results: dict, rl_steps: int, cfg, stopped_by: str | None, policy_dir: Path) -> None:
-    """The run's final figures as JSON (atomic)."""
+def write_results(path: Path, results: dict, rl_steps: int, cfg, stopped_by: str | None, policy_dir: Path,
+                  device: dict | None = None) -> None:
+    """The run's final figures as JSON (atomic); ``device``: the main rank's peaks (``sidpt.flops``)."""
     out = {"evaluations": results, "rl_steps": rl_steps, "rl_steps_configured": cfg.run.steps,
            "stopped_by": stopped_by, "policy": str(policy_dir), "held_out_questions": cfg.task.eval_questions,
-           "environment": cfg.env.get("name")}
+           "environment": cfg.env.get("name"), "device_peaks": device}
     atomic_write(path, json.dumps(out, indent=1) + "\n")

@@ -38,6 +38,7 @@ from typing import Hashable, Iterable
 
 import torch
 
+from sidpt.flops import decode_step_cost, prefill_cost
 from sidpt.model import numerics
 from sidpt.model.model import Transformer
 from sidpt.rollout.kv_cache import PagedAttention, PagedKVCache, build_attention
@@ -152,7 +153,9 @@ class Engine:
         self._seed_gen = torch.Generator().manual_seed(config.seed)
         self._triggers: dict[str, frozenset[int]] = {}  # stop string -> ids that can complete it
         self.stats = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "row_swaps": 0,
-                      "shared_prefill_tokens": 0}  # prefill tokens copied from an identical chunk
+                      "shared_prefill_tokens": 0,  # prefill tokens copied from an identical chunk
+                      "flops": 0.0, "bytes": 0.0}  # the model's work so far (``_account``)
+        self.elem_bytes = next(model.parameters()).element_size()
         # exact numerics builds its attention blocks from the step's lengths on the host: no capture
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not self.exact
         self.static_decode = config.static_decode or self.use_graphs
@@ -423,6 +426,16 @@ class Engine:
         if p.stop_token_ids:
             self.stop_ids[r, : len(p.stop_token_ids)] = torch.tensor(p.stop_token_ids, device=self.device)
 
+    def _account(self, seqs: list, ns: list[int], starts: list[int], is_decode: bool) -> None:
+        """The step's model FLOPs and memory bytes (``sidpt.flops``: every weight read once, each
+        sequence's KV cache read, dense attention), into ``stats["flops"]`` / ``stats["bytes"]``.
+        A prefill chunk that copies a shared prompt's KV (``shared_prefill_tokens``) is charged
+        like any other: the figures are the model's work, not the engine's shortcuts."""
+        args, elem = self.model.args, self.elem_bytes
+        cost = decode_step_cost(args, starts, elem) if is_decode else prefill_cost(args, ns, starts, elem)
+        self.stats["flops"] += cost.flops
+        self.stats["bytes"] += cost.bytes
+
     def _row_state(self, r: int, n: int) -> tuple[torch.Tensor, ...]:
         """Views of row r's first n tokens, log-probs, generated flags and versions."""
         return self.tok_buf[r, :n], self.lp_buf[r, :n], self.gen_buf[r, :n], self.ver_buf[r, :n]
@@ -451,6 +464,7 @@ class Engine:
             s.num_computed += n
             s.status = RUNNING if s.num_computed == s.seq_len else WAITING
         self.stats["decode_tokens" if is_decode else "prefill_tokens"] += sum(ns)
+        self._account(seqs, ns, starts, is_decode)
         if is_decode and self.static_decode:
             logits = self._decode_static(rows, start, max(starts) + 1)  # [B, V]
             idx = list(range(len(seqs)))
