@@ -122,6 +122,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                   f"{count_params(policy) / 1e6:.2f}M params, vocab {policy.args.vocab_size}; run dir {run_dir}")
     console.print(threads_note(threads, local_ranks))
     r.peaks = device_peaks(world.device)  # every rank, at once: what each can do while all run
+    if r.engine is not None and hasattr(r.engine, "peaks"):
+        r.engine.peaks = r.peaks  # the engine's roofline time (perf/gen_roofline_frac)
     console.print(f"device peak: {r.peaks.flops / 1e9:.1f} GFLOP/s, {r.peaks.bytes / 1e9:.1f} GB/s ({r.peaks.source})")
     publish(r, version=0)
     start = resume(r)  # the RL steps a checkpoint already holds (run.resume; 0: a fresh run)
@@ -670,11 +672,15 @@ def step_row(r: Run, episodes: list, stats: dict[str, float], wall: float, work:
             t = r.timers.times.get("rollout", 0.0)
             totals.update({"perf/gen_tflop": (r.engine.stats["flops"] - work["flops"]) / 1e12,
                            "perf/gen_gbyte": (r.engine.stats["bytes"] - work["bytes"]) / 1e9,
+                           "_roofline_s": r.engine.stats["roofline_s"] - work["roofline_s"], "_rollout_s": t,
                            "_peak_tflop": r.peaks.flops * t / 1e12, "_peak_gbyte": r.peaks.bytes * t / 1e9})
         row = reduce_metrics(sums, r.world.device, plan.group_of(plan.rollout_mesh), totals=totals)
         if "_peak_tflop" in row:  # over the rollout time, summed over the rollout ranks
             row["perf/gen_mfu"] = row["perf/gen_tflop"] / max(row.pop("_peak_tflop"), 1e-12)
             row["perf/gen_mbu"] = row["perf/gen_gbyte"] / max(row.pop("_peak_gbyte"), 1e-12)
+            # the share of the rollout time the model's work needed at the roofline (the rest:
+            # overheads, the environment, scheduling, and compute and memory not overlapping)
+            row["perf/gen_roofline_frac"] = row.pop("_roofline_s") / max(row.pop("_rollout_s"), 1e-12)
         row["perf/gen_tokens_per_s"] = row["rollout/response_tokens"] * row["rollout/episodes"] / max(wall, 1e-9)
         row["policy_version"] = r.engine.policy_version
         if "drafted" in r.engine.stats:  # speculative rollouts: draft tokens the exact policy accepted, so far

@@ -129,9 +129,14 @@ def test_engine_counts_the_model_work_of_a_request():
     from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
 
     args = SIZES["gqa"]
+    from sidpt.flops import Peaks
+
     engine = Engine(build_model(args, seed=0), EngineConfig(block_size=4, num_blocks=64, max_model_len=64))
+    engine.peaks = Peaks(flops=1e9, bytes=2e9, source="test")
     engine.generate([Request("a", list(range(1, 10)), SamplingParams(temperature=0.0, max_new_tokens=6))])
-    want = prefill_cost(args, [9], [0], 4)
-    for c in range(9, 14):
-        want = want + decode_step_cost(args, [c], 4)
-    assert engine.stats["flops"] == want.flops and engine.stats["bytes"] == want.bytes
+    steps = [prefill_cost(args, [9], [0], 4)] + [decode_step_cost(args, [c], 4) for c in range(9, 14)]
+    assert engine.stats["flops"] == sum(c.flops for c in steps) and engine.stats["bytes"] == sum(c.bytes for c in steps)
+    # roofline: the sum of each forward's max(FLOPs / peak, bytes / bandwidth)
+    roof = [max(c.flops / 1e9, c.bytes / 2e9) for c in steps]
+    assert engine.stats["roofline_s"] == pytest.approx(sum(roof), rel=1e-12)
+    assert roof[0] == steps[0].flops / 1e9 and roof[1] == steps[1].bytes / 2e9  # prefill compute-, decode memory-bound

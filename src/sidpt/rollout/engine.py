@@ -154,8 +154,9 @@ class Engine:
         self._triggers: dict[str, frozenset[int]] = {}  # stop string -> ids that can complete it
         self.stats = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "row_swaps": 0,
                       "shared_prefill_tokens": 0,  # prefill tokens copied from an identical chunk
-                      "flops": 0.0, "bytes": 0.0}  # the model's work so far (``_account``)
+                      "flops": 0.0, "bytes": 0.0, "roofline_s": 0.0}  # the model's work so far (``_account``)
         self.elem_bytes = next(model.parameters()).element_size()
+        self.peaks = None  # the device's peaks, for stats["roofline_s"] (``sidpt.flops.Peaks``)
         # exact numerics builds its attention blocks from the step's lengths on the host: no capture
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not self.exact
         self.static_decode = config.static_decode or self.use_graphs
@@ -430,11 +431,15 @@ class Engine:
         """The step's model FLOPs and memory bytes (``sidpt.flops``: every weight read once, each
         sequence's KV cache read, dense attention), into ``stats["flops"]`` / ``stats["bytes"]``.
         A prefill chunk that copies a shared prompt's KV (``shared_prefill_tokens``) is charged
-        like any other: the figures are the model's work, not the engine's shortcuts."""
+        like any other: the figures are the model's work, not the engine's shortcuts. With
+        ``peaks`` (``sidpt.flops.Peaks``, set by the controller) each forward also adds its
+        roofline time to ``stats["roofline_s"]``: the sum of per-forward maxima, not the max of sums."""
         args, elem = self.model.args, self.elem_bytes
         cost = decode_step_cost(args, starts, elem) if is_decode else prefill_cost(args, ns, starts, elem)
         self.stats["flops"] += cost.flops
         self.stats["bytes"] += cost.bytes
+        if self.peaks is not None:  # this forward's roofline time: compute- or memory-bound, whichever is slower
+            self.stats["roofline_s"] += max(cost.flops / self.peaks.flops, cost.bytes / self.peaks.bytes)
 
     def _row_state(self, r: int, n: int) -> tuple[torch.Tensor, ...]:
         """Views of row r's first n tokens, log-probs, generated flags and versions."""
