@@ -97,10 +97,9 @@ def decode_step_cost(args: ModelArgs, contexts: list[int], elem_bytes: int) -> C
     """One engine decode step: one new token for each running sequence (``contexts``: each one's
     cached length before the step). FLOPs: the linear layers and head per token, attention over
     the context plus itself; bytes: every weight once and each sequence's KV cache."""
-    n = len(contexts)
-    flops = (linear_flops_per_token(args) + head_flops_per_token(args)) * n
-    flops += sum(attention_flops(args, 1, c + 1) for c in contexts)
-    read = param_count(args) * elem_bytes + kv_bytes_per_token(args, elem_bytes) * sum(c + 1 for c in contexts)
+    n, keys = len(contexts), sum(contexts) + len(contexts)  # each attends over its context and itself
+    flops = (linear_flops_per_token(args) + head_flops_per_token(args)) * n + attention_flops(args, 1, keys)
+    read = param_count(args) * elem_bytes + kv_bytes_per_token(args, elem_bytes) * keys
     return Cost(float(flops), float(read))
 
 

@@ -129,20 +129,19 @@ class GuardedEnv:
             return _Faulted(sample, done=True, info={"finish": "error", "fault": f"env.reset: {e}"})
 
     def step(self, state: EnvState, model_text: str) -> StepResult:
-        if isinstance(state, _Faulted):
-            return StepResult(None, True, 0.0, dict(state.info))
-        try:
-            return self.guard.call("env.step", state.sample, self.env.step, state, model_text)
-        except Fault as e:
-            return StepResult(None, True, 0.0, {**state.info, "finish": "error", "fault": f"env.step: {e}"})
+        return self._ended("env.step", self.env.step, state, model_text)
 
     def end(self, state: EnvState, finish: str) -> StepResult:
+        return self._ended("env.end", self.env.end, state, finish)
+
+    def _ended(self, what: str, fn, state: EnvState, arg: str) -> StepResult:
+        """``fn(state, arg)`` guarded; a faulted episode (its reset or this call) ends with reward 0."""
         if isinstance(state, _Faulted):
             return StepResult(None, True, 0.0, dict(state.info))
         try:
-            return self.guard.call("env.end", state.sample, self.env.end, state, finish)
+            return self.guard.call(what, state.sample, fn, state, arg)
         except Fault as e:
-            return StepResult(None, True, 0.0, {**state.info, "finish": "error", "fault": f"env.end: {e}"})
+            return StepResult(None, True, 0.0, {**state.info, "finish": "error", "fault": f"{what}: {e}"})
 
     def __getattr__(self, name: str) -> Any:  # anything else an environment offers (tests, demos)
         return getattr(self.env, name)
