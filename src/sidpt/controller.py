@@ -51,12 +51,14 @@ from sidpt.dist.transfer import (
     broadcast_weights, join_rows, receive_weights, recv_groups, recv_rows, request_ref_logprobs, send_groups,
     send_rows, serve_ref_logprobs,
 )
-from sidpt.dist.world import World, all_reduce_max, all_reduce_sum, gather_to_main, init_world, shutdown
+from sidpt.dist.world import (
+    World, all_reduce_max, all_reduce_sum, barrier, gather_to_main, init_world, shutdown, world_group,
+)
 from sidpt.env import load_environment, load_reward, score
 from sidpt.env.base import FINISH_CODES
 from sidpt.env.guard import Guard, GuardedEnv
 from sidpt.evaluate import describe, evaluate, reduce_metrics, summary, write_results
-from sidpt.flops import Peaks, device_peaks, forward_cost, train_cost
+from sidpt.flops import Peaks, device_peaks, forward_cost, param_count, train_cost
 from sidpt.metrics import MetricsLog, Timers
 from sidpt.model import Transformer
 from sidpt.model.model import compute_dtype, count_params
@@ -72,6 +74,9 @@ from sidpt.startup import (
     StopRequest, fit_samples, load_policy, prompt_encoder, report_skipped_rows, set_threads, start_run, threads_note,
 )
 from sidpt.trainer import OptimConfig, Trainer, lr_at, sequence_logprobs, signal_rows
+from sidpt.utilisation import (
+    StepWork, add_model_phase, add_trained, rlu_row, share, usefulness, utilisation_table, weighted_mask,
+)
 
 
 @dataclass
@@ -96,6 +101,11 @@ class Run:
     guard: Guard  # environment and reward calls, isolated (task.faults)
     resumed_from: Path | None = None  # the checkpoint this run resumed from (``resume``)
     peaks: Peaks | None = None  # this rank's device peaks (``flops.device_peaks``), for the utilisation figures
+    work: StepWork = field(default_factory=StepWork)  # this rank's accounts of the current step (docs/rlu.md)
+    run_work: StepWork = field(default_factory=StepWork)  # every rank's, summed over the RL steps so far
+    run_ess: tuple[float, float] = (0.0, 0.0)  # sum of eta_ess x loss tokens, loss tokens: the run's eta_ess
+    loop_s: float = 0.0  # the main rank's time in the RL steps' loop (the run's devices x wall)
+    gen_share: float | None = None  # the run's generation share (async: the samples trained of those generated)
 
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
@@ -153,7 +163,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
 def sync_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
     """The synchronous RL steps (colocated, or disaggregated with ``run.pipeline = "sync"``) from
     ``start``, with a training checkpoint every ``run.checkpoint_every`` steps."""
-    curve, cfg = [], r.cfg
+    curve, cfg, t0 = [], r.cfg, time.perf_counter()
     for step in range(start, cfg.run.steps):
         if r.stop.requested():
             break
@@ -167,6 +177,7 @@ def sync_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
             save_training_state(r.trainer, r.run_dir, step + 1, cfg.run.keep_checkpoints, r.world.rank,
                                 r.world.rank == r.plan.main_trainer, r.trainer.group, hf=checkpoint_hf_files(r))
         kill_switch(r, step)
+    r.loop_s = time.perf_counter() - t0
     return curve
 
 
@@ -198,21 +209,96 @@ def resume(r: Run) -> int:
 def rl_step(r: Run, step: int) -> dict[str, float]:
     """One RL step (the module docstring's step); returns its metrics row (complete on the main rank)."""
     cfg, plan, t0 = r.cfg, r.plan, time.perf_counter()
-    episodes, batch, stats = [], None, {}
+    episodes, batch, stats, r.work = [], None, {}, StepWork()
     if plan.rollout_enabled:
-        work = dict(r.engine.stats)  # the engine's FLOPs and bytes so far (``step_row`` takes the step's)
+        work, env0 = dict(r.engine.stats), r.guard.seconds  # the engine's FLOPs and bytes so far, the env's time
         with r.timers("rollout"):
             episodes = score(generate(r, step), r.reward_fn, r.tok.decode, r.guard)
             batch = episodes_to_batch(episodes, FINISH_CODES, r.tok.pad_id or 0) if episodes else None
-    batch = to_trainer(batch, plan)
+        account_rollout(r, work, r.guard.seconds - env0)
+    if plan.rollout_enabled or (plan.disaggregated and plan.trainer_enabled):
+        sync_point(r, plan.bridge if plan.disaggregated else plan.group_of(plan.rollout_mesh))
+    with r.timers("transfer"):
+        batch = to_trainer(batch, plan)
     if plan.own_reference and plan.reference_enabled:
         serve_reference(r)
     if plan.trainer_enabled:
-        stats = train(r, batch, lr_at(step, cfg.run.steps, cfg.train.lr, cfg.train.lr_schedule,
-                                      cfg.train.warmup_steps, cfg.train.min_lr_frac))
+        with r.timers("trainer"):
+            stats = train(r, batch, lr_at(step, cfg.run.steps, cfg.train.lr, cfg.train.lr_schedule,
+                                          cfg.train.warmup_steps, cfg.train.min_lr_frac))
+        sync_point(r, r.trainer.group)
+    if plan.disaggregated and (plan.rollout_enabled or r.world.rank == plan.main_trainer):
+        sync_point(r, plan.weight_group)
     with r.timers("publish"):
         stats.update(publish(r, measure=True))
-    return step_row(r, episodes, stats, time.perf_counter() - t0, work if plan.rollout_enabled else None)
+    wall = time.perf_counter() - t0
+    stats.update(step_utilisation(r, wall, stats))
+    return step_row(r, episodes, stats, wall, work if plan.rollout_enabled else None)
+
+
+# -- utilisation (docs/rlu.md) ---------------------------------------------------------------
+
+
+def sync_point(r: Run, group) -> None:
+    """A barrier on ``group``, timed as the waterfall's "idle": waiting for its slowest rank at
+    one of the step's sync points (waiting inside a phase's own collectives stays that phase's)."""
+    with r.timers("idle"):
+        barrier(group)
+
+
+def account_rollout(r: Run, before: dict, env_s: float) -> None:
+    """The rollout's accounts: environment and reward calls (``Guard.seconds``), the engine's
+    roofline time (the rest of the rollout time is "generate", filled in by ``step_utilisation``)."""
+    roof = r.engine.stats.get("roofline_s", 0.0) - before.get("roofline_s", 0.0)  # 0: the speculative engine
+    r.work.add("environment", env_s)
+    r.work.add("generate", -env_s, roofline=roof)
+
+
+def publish_roofline(r: Run) -> float:
+    """A publish's memory traffic at the peak bandwidth: every parameter read and written on a
+    colocated rank, read (sender) or written (receiver) once on a disaggregated one."""
+    model = r.trainer.model if r.trainer else r.engine.model
+    elem = next(model.parameters()).element_size()
+    return (1 if r.plan.disaggregated else 2) * param_count(model.args) * elem / r.peaks.bytes
+
+
+def run_utilisation(r: Run) -> dict[str, float]:
+    """RLU and the waterfall over the run's RL steps: every rank's accounts summed over the steps
+    (``run_work``), the time between steps (devices x the loop's time - the steps' device time)
+    as its own share, eta_ess the token-weighted mean of the steps'. {} without an RL step."""
+    w = r.run_work
+    if w.wall <= 0:
+        return {}
+    between = max(0.0, r.world.world_size * r.loop_s - w.wall)
+    return rlu_row(w, r.run_ess[0] / max(r.run_ess[1], 1e-12), r.gen_share, between)
+
+
+def step_utilisation(r: Run, wall: float, stats: dict[str, float]) -> dict[str, float]:
+    """The step's waterfall and RLU over every rank (``reduce_work`` over the world)."""
+    total, ess, n_tok = reduce_work(r, wall, stats, world_group())
+    r.run_work = r.run_work + total
+    r.run_ess = (r.run_ess[0] + ess * n_tok, r.run_ess[1] + n_tok)
+    return rlu_row(total, ess if n_tok else 1.0)  # no loss token: no weight, no loss of samples
+
+
+def reduce_work(r: Run, wall: float, stats: dict[str, float], group) -> tuple[StepWork, float, float]:
+    """This rank's step accounts from its timers and ``r.work``, summed over ``group``, with
+    eta_ess and the loss tokens from the main trainer rank (``mismatch/ess_weight``, ``/tokens``)."""
+    t, w = r.timers.times, r.work
+    for phase in ("transfer", "recompute", "idle"):
+        w.add(phase, t.get(phase, 0.0))
+    w.add("train", t.get("trainer", 0.0) - t.get("recompute", 0.0))  # the update, advantages, diagnostics
+    w.add("idle", t.get("wait", 0.0))  # the async trainer waits for trajectories
+    w.add("generate", t.get("rollout", 0.0))
+    w.add("reference", t.get("reference", 0.0))
+    took_part = r.plan.trainer_enabled or r.plan.rollout_enabled  # reference ranks take no part in a publish
+    w.add("publish", t.get("publish", 0.0), roofline=publish_roofline(r) if took_part else 0.0)
+    w.wall = wall
+    main = r.world.rank == r.plan.main_trainer
+    v = all_reduce_sum(w.vector() + [stats.get("mismatch/ess_weight", 0.0) if main else 0.0,
+                                     stats.get("mismatch/tokens", 0.0) if main else 0.0],
+                       r.world.device, group)
+    return StepWork.from_vector(v[:-2]), v[-2], v[-1]
 
 
 def generate(r: Run, step: int) -> list:
@@ -246,31 +332,53 @@ def async_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
     """The async pipeline from step ``start``: rollout ranks stream episodes (``stream_rollouts``)
     while the trainer ranks train (``train_async``); at the end the main rank logs the merged rows,
     step by step (a resumed run's earlier steps: the trainer's rows, from the checkpoint)."""
-    plan, out, done = r.plan, [], 0  # done: the RL steps trained (every rank learns it)
+    plan, out, done, t0 = r.plan, [], 0, time.perf_counter()  # done: the RL steps trained (every rank learns it)
     if plan.rollout_enabled:
         rows = stream_rollouts(r, bar, start)
         out, done = [("rollout", rows)], max(rows, default=0)
     elif plan.trainer_enabled:
         done = train_async(r, start)
         if r.world.rank == plan.main_trainer:
-            out = [("trainer", [dict(row) for row in r.log.rows if "step" in row])]
+            out = [("trainer", [dict(row) for row in r.log.rows if "policy_version" in row])]  # the steps' rows
     merged, trainer_rows = RolloutState(), []
     for kind, rows in gather_to_main(out, r.world, plan.bridge):
         if kind == "trainer":
             trainer_rows = rows
         for version, sums in (rows.items() if kind == "rollout" else ()):
             merged.add(version, sums)
-    curve = []
-    for row in trainer_rows:  # main rank only (the others received nothing)
+    curve, rollout = [], {v: rollout_work(sums) for v, sums in merged.rows.items()}
+    works = [StepWork.from_vector([row.pop(f"_work/{i}") for i in range(len(StepWork().vector()))])
+             for row in trainer_rows]
+    trained = sum(works, StepWork())
+    generated = sum(sums.get("work/generated_len", 0.0) for sums in merged.rows.values())
+    kept = min(1.0, trained.total_len / generated) if generated else 1.0  # the rest: dropped, aborted, unused
+    for row, work in zip(trainer_rows, works):  # main rank only (the others received nothing)
         step = int(row.pop("step"))
         sums = merged.rows.get(step, {})  # what the rollout ranks did while holding version `step`
         row.update({k: v[0] / v[1] for k, v in sums.items() if isinstance(v, tuple) and v[1] > 0})
         busy, idle = sums.get("time/rollout_busy", 0.0), sums.get("time/rollout_idle", 0.0)
-        row.update({k: v for k, v in sums.items() if not isinstance(v, tuple)})
+        row.update({k: v for k, v in sums.items() if not isinstance(v, tuple) and not k.startswith("work/")})
         row["perf/rollout_idle_frac"] = idle / max(busy + idle, 1e-9)
+        total = work + rollout.pop(step, StepWork())
+        n_tok = row.get("mismatch/tokens", 0.0)
+        ess = row.get("mismatch/ess_weight", 1.0) if n_tok else 1.0
+        row.update(rlu_row(total, ess, gen_share=share(work) * kept))
+        r.run_work, r.run_ess = r.run_work + total, (r.run_ess[0] + ess * n_tok, r.run_ess[1] + n_tok)
         r.log.log(step, row)
         curve.append((step, row.get("reward/mean", 0.0)))
+    r.run_work = sum(rollout.values(), r.run_work)  # the rollout ranks' time in versions no step trained on
+    r.gen_share, r.loop_s = share(trained) * kept, time.perf_counter() - t0
     return curve if r.world.is_main else [(step, 0.0) for step in range(done)]
+
+
+def rollout_work(sums: dict) -> StepWork:
+    """The rollout ranks' accounts of one version (``stream_rollouts``' work/* sums)."""
+    w = StepWork(wall=sums.get("work/wall", 0.0))
+    for phase in ("generate", "environment", "transfer", "publish", "schedule", "idle"):
+        w.add(phase, sums.get(f"work/{phase}", 0.0))
+    w.add("generate", roofline=sums.get("work/roofline_generate", 0.0))
+    w.add("publish", roofline=sums.get("work/roofline_publish", 0.0))
+    return w
 
 
 @dataclass
@@ -306,6 +414,7 @@ def stream_rollouts(r: Run, bar, start: int = 0) -> dict[int, dict]:
                          attempt=f"{start}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     share = -(-(ahead + 1) * B // R) * c.group_size  # its share of the groups the bound lets start
     delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
+    lap = Lap()  # every second of the loop goes to one phase of the version held (work/*: the waterfall)
     while True:
         # start what the bound allows: the next group this rank runs, once its weights are recent
         # enough, while this rank runs less than its share and keeps pace (``GroupClaims.may_claim``)
@@ -320,36 +429,59 @@ def stream_rollouts(r: Run, bar, start: int = 0) -> dict[int, dict]:
                     runner.add(job)
             claims.started(i)
             state.claimed = None
+        state.add(engine.policy_version, lap.phase("schedule"))  # claims and bookkeeping
         t0 = time.perf_counter()
         version = weights.poll(timeout=0.0 if runner.has_work() else None)  # blocks only when idle
         if not runner.has_work():
             state.add(engine.policy_version, {"time/rollout_idle": time.perf_counter() - t0})
+        state.add(engine.policy_version, lap.phase("idle"))
         if version == STOP:
             break
         if version is not None:
             claims.version()
             state.add(engine.policy_version, take_weights(r, weights, runner, version))
+            state.add(engine.policy_version, {**lap.phase("publish"), "work/roofline_publish": publish_roofline(r)})
             bar(info=f"version {version}")
             continue
-        t0 = time.perf_counter()
+        t0, env0, roof0 = time.perf_counter(), r.guard.seconds, engine.stats.get("roofline_s", 0.0)
         episodes = score(runner.step(), r.reward_fn, r.tok.decode, r.guard)
+        sums = {"work/roofline_generate": engine.stats.get("roofline_s", 0.0) - roof0,
+                "work/environment": r.guard.seconds - env0}
+        t1 = time.perf_counter()
         for e in episodes:
             sender.send(episode_trajectory(e, FINISH_CODES.get(e.info.get("finish"), FINISH_ERROR)))
             claims.finished(e.key[0], group_done=not any(key[0] == e.key[0] for key in runner.jobs))
+        sums["work/transfer"] = time.perf_counter() - t1
         if delay:
             time.sleep(delay)
-        sums = {"time/rollout_busy": time.perf_counter() - t0}
+        sums["time/rollout_busy"] = time.perf_counter() - t0
         if episodes:
             n = float(len(episodes))
             sums.update({f"env/{k}": v for k, v in r.task.metrics(episodes).items()})
             sums.update({"reward/sampled_mean": (sum(e.reward for e in episodes), n),
                          "rollout/response_tokens": (float(sum(sum(e.out.generated) for e in episodes)), n),
-                         "rollout/episodes": n, "rollout/faults": float(sum("fault" in e.info for e in episodes))})
-        state.add(engine.policy_version, sums)
+                         "rollout/episodes": n, "rollout/faults": float(sum("fault" in e.info for e in episodes)),
+                         "work/generated_len": float(sum(len(e.out.tokens) for e in episodes))})
+        busy = lap.phase("generate")  # the engine step, less the environment's and the sends' time
+        busy["work/generate"] -= sums["work/environment"] + sums["work/transfer"]
+        state.add(engine.policy_version, {**sums, **busy})
     state.add(engine.policy_version, {"rollout/aborted_at_end": float(runner.abort())})
     sender.close()
     weights.thread.join()
     return state.rows
+
+
+class Lap:
+    """Consecutive laps of a loop: ``phase(name)`` returns {"work/<name>": seconds since the last
+    lap, "work/wall": the same} (a rollout rank's waterfall in the async pipeline)."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def phase(self, name: str) -> dict[str, float]:
+        now = time.perf_counter()
+        d, self.t = now - self.t, now
+        return {f"work/{name}": d, "work/wall": d}
 
 
 def take_weights(r: Run, weights: WeightReceiver, runner: EpisodeRunner, version: int) -> dict[str, float]:
@@ -388,17 +520,21 @@ def train_async(r: Run, start: int = 0) -> int:
     for step in range(start, cfg.run.steps):
         if r.stop.requested(group):
             break
-        t0 = time.perf_counter()
+        t0, r.work = time.perf_counter(), StepWork()
         with r.timers("wait"):  # idle: the schedule waits for trajectories
             chosen = next_batch(pipe, rx) if main else None
-        batch = scatter_batch(chosen, plan, r.tok.pad_id or 0, group)
-        stats = train(r, batch, lr_at(step, cfg.run.steps, cfg.train.lr, cfg.train.lr_schedule,
-                                      cfg.train.warmup_steps, cfg.train.min_lr_frac))
-        if delay:
-            time.sleep(delay)
+        with r.timers("transfer"):
+            batch = scatter_batch(chosen, plan, r.tok.pad_id or 0, group)
+        with r.timers("trainer"):
+            stats = train(r, batch, lr_at(step, cfg.run.steps, cfg.train.lr, cfg.train.lr_schedule,
+                                          cfg.train.warmup_steps, cfg.train.min_lr_frac))
+            if delay:  # a slow trainer (tests/spine/test_async.py)
+                time.sleep(delay)
+        sync_point(r, group)
         with r.timers("publish"):
             publish_version(r.trainer.full_weights(cfg.train.publish_bucket_mb), step + 1, plan.main_trainer,
                             plan.weight_group, send=main)
+        work = reduce_work(r, time.perf_counter() - t0, stats, group)[0]  # the trainer ranks' part
         if main:
             stats.update(pipe.metrics(chosen))
             stats.update(restored if step == start and r.resumed_from else {})
@@ -407,6 +543,7 @@ def train_async(r: Run, start: int = 0) -> int:
             stats.update({"reward/mean": sum(t.reward for t in chosen) / n, "rollout/trained_seqs": n,
                           "rollout/trained_response_tokens": sum(t.length for t in chosen) / n})
         row = {**stats, **r.timers.pop(), "time/step": time.perf_counter() - t0, "policy_version": step + 1}
+        row.update({f"_work/{i}": x for i, x in enumerate(work.vector())})  # merged with the rollout's (async_steps)
         row["perf/trained_samples_per_s"] = row.get("rollout/trained_seqs", 0.0) / max(row["time/step"], 1e-9)
         r.log.log(step, row)
         if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
@@ -417,7 +554,7 @@ def train_async(r: Run, start: int = 0) -> int:
         unused = float(rx.join())  # trajectories that arrived after the last step's choice
         if r.log.rows and "step" in r.log.rows[-1]:
             r.log.rows[-1]["pipeline/unused_at_end"] = unused
-    return sum("step" in row for row in r.log.rows)
+    return sum("policy_version" in row for row in r.log.rows)
 
 
 def checkpoint_async(r: Run, pipe: PipelineState | None, rx: TrajectoryReceiver | None, step: int, main: bool,
@@ -431,7 +568,7 @@ def checkpoint_async(r: Run, pipe: PipelineState | None, rx: TrajectoryReceiver 
         for t in rx.drain():
             pipe.add(t)
         redo, first = pipe.missing()
-        saved = {"schedule": pipe.state_dict(), "rows": [dict(row) for row in r.log.rows if "step" in row],
+        saved = {"schedule": pipe.state_dict(), "rows": [dict(row) for row in r.log.rows if "policy_version" in row],
                  "redo": redo, "first": first}
     save_training_state(r.trainer, r.run_dir, step, r.cfg.run.keep_checkpoints, r.world.rank, main, group,
                         pipeline=saved, hf=checkpoint_hf_files(r))
@@ -483,8 +620,16 @@ def serve_reference(r: Run) -> None:
     plan, K = r.plan, len(r.plan.reference_ranks)
     k = plan.reference_ranks.index(r.world.rank)
     trainers = [rank for t, rank in enumerate(plan.trainer_ranks) if t % K == k]
-    with r.timers("reference"):
-        serve_ref_logprobs(r.reference.logprobs, trainers, plan.ref_group)
+    args, peak = r.reference.model.args, r.peaks.flops
+
+    def logprobs(td):  # the reference's own work: "reference"; the rest of the serve, waiting: "idle"
+        with r.timers("reference"):
+            r.work.add("reference", roofline=forward_cost(args, td[SEQ_LEN].tolist()).flops / peak)
+            return r.reference.logprobs(td)
+
+    t0, ref0 = time.perf_counter(), r.timers.times.get("reference", 0.0)
+    serve_ref_logprobs(logprobs, trainers, plan.ref_group)
+    r.timers.add("idle", time.perf_counter() - t0 - (r.timers.times.get("reference", 0.0) - ref0))
 
 
 def sync_reference(r: Run) -> None:
@@ -519,6 +664,7 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
         raise ConfigError("a trainer rank received no trajectory group: rollout.prompts_per_step must be >= "
                           "the trainer ranks (checked at start-up)")
     batch = compute_advantages(batch, a.advantage, norm_std=a.norm_std)  # rewards only
+    response = batch[LOSS_MASK]  # [B, T] the generated tokens, before any filter (utilisation)
     stats = {}
     if a.dynamic_sampling:  # DAPO: groups with equal rewards lose their loss tokens (and leave the normalisers)
         batch, dapo = dynamic_sampling(batch)
@@ -532,7 +678,7 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
     # One update per batch: pi_old is the training forward's own log-probs (no recompute forward)
     one_update = cfg.train.mini_batches == cfg.train.epochs == 1
     fused = cfg.train.fuse_old_logprobs and one_update and (only_signal or not lean)
-    t0 = time.perf_counter()
+    t0, n0 = time.perf_counter(), trainer.tokens_run
     with r.timers("recompute"):
         if not fused or trainer.reference is not None:  # pi_old, or only pi_ref for the fused step
             batch = trainer.recompute(batch, rows=keep if only_signal else None, policy=not fused)
@@ -543,7 +689,7 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
     kw = dict(agg=a.agg, loss=a.loss, loss_kwargs=_loss_kwargs(cfg), kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
               norm_len=cfg.rollout.max_new_tokens, keep=keep if lean else None)
     correct = lambda b: apply_correction(b, a.correction, a.correction_form)  # noqa: E731
-    t1 = time.perf_counter()
+    t1, n1 = time.perf_counter(), trainer.tokens_run
     with r.timers("train"):
         if fused:
             s, batch, corr = trainer.fused_step(batch, correct, **kw)
@@ -551,19 +697,25 @@ def train(r: Run, batch, lr: float) -> dict[str, float]:
             batch, corr = correct(batch)
             s = trainer.rl_step(batch, **kw, mini_batches=cfg.train.mini_batches, epochs=cfg.train.epochs)
     stats.update(s)
+    u = usefulness(response, weighted_mask(corr.mask, batch[ADVANTAGES], corr.weight,
+                                           regularised=a.kl_coef != 0 or a.entropy_coef != 0))  # [B]
     stats.update(trainer_utilisation(r, batch, keep if lean else None, keep if only_signal else None, fused,
-                                     cfg.train.epochs, (t1 - t0, time.perf_counter() - t1)))
+                                     cfg.train.epochs, (t1 - t0, time.perf_counter() - t1), u,
+                                     (n1 - n0, trainer.tokens_run - n1)))
     stats.update(mismatch_stats(batch, corr, keep if only_signal else slice(None), trainer))  # over pi_old's rows
     stats["train/lr"] = lr
     return stats
 
 
 def trainer_utilisation(r: Run, batch, trained, recomputed, fused: bool, epochs: int,
-                        seconds: tuple[float, float]) -> dict[str, float]:
+                        seconds: tuple[float, float], u: torch.Tensor, executed: tuple[int, int]) -> dict[str, float]:
     """The trainer's model FLOPs this step (``sidpt.flops``: real tokens, dense attention, none of
     the savings of packing or of the lean rows counted as work) and its MFU per phase: the FLOPs
     over (peak x the phase's time), summed over the trainer ranks. ``trained`` / ``recomputed``:
-    the rows each phase ran on (None: all); the recompute also runs the KL reference's forward."""
+    the rows each phase ran on (None: all); the recompute also runs the KL reference's forward.
+    Into the step's accounts (``r.work``): each phase's roofline and useful time, from ``u`` [N]
+    (each row's usefulness) and ``executed`` (the tokens the recompute's and the update's
+    forwards ran on)."""
     args, lens = r.trainer.model.args, batch[SEQ_LEN].tolist()
     resp = batch[LOSS_MASK].sum(-1).tolist()  # the tokens whose log-probs (logits) are computed
 
@@ -574,6 +726,11 @@ def trainer_utilisation(r: Run, batch, trained, recomputed, fused: bool, epochs:
     train_flops = epochs * train_cost(args, *rows(trained)).flops
     forwards = (0 if fused else 1) + (r.trainer.reference is not None)
     rec_flops = forwards * forward_cost(args, *rows(recomputed)).flops
+    u_l = u.tolist()
+    idx = lambda sel: list(range(len(lens))) if sel is None else sel.nonzero().flatten().tolist()  # noqa: E731
+    add_model_phase(r.work, "recompute", rec_flops, r.peaks.flops, lens, u_l, idx(recomputed), executed[0], forwards)
+    add_model_phase(r.work, "train", train_flops, r.peaks.flops, lens, u_l, idx(trained), executed[1], epochs)
+    add_trained(r.work, lens, u_l)
     sums = all_reduce_sum([train_flops, rec_flops, r.peaks.flops * seconds[1], r.peaks.flops * seconds[0]],
                           r.trainer.device, r.trainer.group)
     return {"perf/train_tflop": sums[0] / 1e12, "perf/recompute_tflop": sums[1] / 1e12,
@@ -730,8 +887,12 @@ def finish(r: Run, results: dict, curve: list, args, done: int) -> None:
                     write=r.world.rank == r.plan.main_trainer)
     if r.world.is_main:
         summary(r.console, results, r.task.eval_columns, r.run_dir, curve)
+        util = run_utilisation(r)
+        if util:
+            r.console.print(utilisation_table(util))
         write_results(r.run_dir / "results.json", results, done, r.cfg, r.stop.signal, policy_dir,
-                      device={"flops_per_s": r.peaks.flops, "bytes_per_s": r.peaks.bytes, "source": r.peaks.source})
+                      device={"flops_per_s": r.peaks.flops, "bytes_per_s": r.peaks.bytes, "source": r.peaks.source},
+                      utilisation=util)
         if r.stop.signal:
             r.console.print(f"[yellow]stopped by {r.stop.signal} after {done} of {r.cfg.run.steps} RL steps[/]; "
                             f"final evaluation, policy and results saved")

@@ -79,9 +79,10 @@ def summary(console: Console, results: dict, columns, run_dir: Path, curve) -> N
 
 
 def write_results(path: Path, results: dict, rl_steps: int, cfg, stopped_by: str | None, policy_dir: Path,
-                  device: dict | None = None) -> None:
-    """The run's final figures as JSON (atomic); ``device``: the main rank's peaks (``sidpt.flops``)."""
+                  device: dict | None = None, utilisation: dict | None = None) -> None:
+    """The run's final figures as JSON (atomic); ``device``: the main rank's peaks (``sidpt.flops``);
+    ``utilisation``: RLU and the waterfall over the run (``sidpt.utilisation.rlu_row``)."""
     out = {"evaluations": results, "rl_steps": rl_steps, "rl_steps_configured": cfg.run.steps,
            "stopped_by": stopped_by, "policy": str(policy_dir), "held_out_questions": cfg.task.eval_questions,
-           "environment": cfg.env.get("name"), "device_peaks": device}
+           "environment": cfg.env.get("name"), "device_peaks": device, "utilisation": utilisation or {}}
     atomic_write(path, json.dumps(out, indent=1) + "\n")

@@ -29,6 +29,9 @@ class Timers:
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
 
+    def add(self, name: str, seconds: float) -> None:
+        self.times[name] = self.times.get(name, 0.0) + seconds
+
     def pop(self) -> dict[str, float]:
         out, self.times = {f"time/{k}": v for k, v in self.times.items()}, {}
         return out

@@ -114,6 +114,7 @@ class Trainer:
                                      weight_decay=optim.weight_decay, eps=1e-8)
         self.minibatch_stats: list[dict[str, float]] = []  # the last rl_step's, one per optimizer step
         self.forward_tokens = 0  # tokens the policy step's forwards ran on (packed or padded)
+        self.tokens_run = 0  # tokens every forward so far ran on (recompute, reference, policy steps)
 
     def _logprobs(self, model, mb: TensorDict, mask: torch.Tensor, entropy: bool = False):
         """``sequence_logprobs`` of a micro-batch, packed (``OptimConfig.pack``) when it carries its
@@ -124,6 +125,7 @@ class Trainer:
         else:
             (lp, ent), n = sequence_logprobs(model, mb[TOKENS], entropy=entropy, mask=mask), mb[TOKENS].numel()
         self.forward_tokens += n
+        self.tokens_run += n
         return lp, ent
 
     def _aligned(self, mbs: list[TensorDict]) -> list[TensorDict]:

@@ -96,7 +96,8 @@ def test_gpu_peaks_come_from_the_table_by_name(monkeypatch):
 
 def test_trainer_utilisation_counts_the_rows_each_phase_ran_on():
     """Hand-built batch: 3 rows of 10, 7 and 12 tokens with 4, 3 and 5 response tokens; the lean
-    step trains rows 0 and 2 (two epochs) and recomputes the same rows plus the KL reference."""
+    step trains rows 0 and 2 (two epochs) and recomputes the same rows plus the KL reference. Rows
+    0 and 2 are useful 1 and 0.5 (``utilisation.usefulness``) and ran padded to 12 tokens."""
     from types import SimpleNamespace
 
     from tensordict import TensorDict
@@ -112,14 +113,26 @@ def test_trainer_utilisation_counts_the_rows_each_phase_ran_on():
     batch = TensorDict({SEQ_LEN: torch.tensor([10, 7, 12]), LOSS_MASK: mask}, batch_size=[3])
     trainer = SimpleNamespace(model=SimpleNamespace(args=args), reference=object(), device=torch.device("cpu"),
                               group=None)
-    r = SimpleNamespace(trainer=trainer, peaks=Peaks(1e10, 1e9, "test"))
+    from sidpt.utilisation import StepWork
+
+    r = SimpleNamespace(trainer=trainer, peaks=Peaks(1e10, 1e9, "test"), work=StepWork())
     keep = torch.tensor([True, False, True])
-    out = trainer_utilisation(r, batch, keep, keep, fused=False, epochs=2, seconds=(0.5, 2.0))
+    u = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    out = trainer_utilisation(r, batch, keep, keep, fused=False, epochs=2, seconds=(0.5, 2.0), u=u,
+                              executed=(2 * 2 * 12, 2 * 2 * 12))  # two forwards / two epochs of 2 rows x 12
     train = 2 * train_cost(args, [10, 12], logit_tokens=9).flops
     rec = 2 * forward_cost(args, [10, 12], logit_tokens=9).flops  # pi_old and pi_ref
     assert out["perf/train_tflop"] == train / 1e12 and out["perf/recompute_tflop"] == rec / 1e12
     assert out["perf/train_mfu"] == train / (1e10 * 2.0) and out["perf/recompute_mfu"] == rec / (1e10 * 0.5)
-    fused = trainer_utilisation(r, batch, None, None, fused=True, epochs=1, seconds=(0.5, 2.0))
+    # the accounts: padding (48 tokens run for 44 real) is work, and no token's: useful 16 of 22
+    w = r.work
+    assert w.roofline["train"] == pytest.approx(train / 1e10 * 48 / 44, rel=1e-12)
+    assert w.roofline["recompute"] == pytest.approx(rec / 1e10 * 48 / 44, rel=1e-12)
+    assert w.useful["train"] == pytest.approx(train / 1e10 * 16 / 22, rel=1e-12)
+    assert w.useful["recompute"] == pytest.approx(rec / 1e10 * 16 / 22, rel=1e-12)
+    assert (w.weighted_len, w.total_len) == (16.0, 29.0)
+    fused = trainer_utilisation(r, batch, None, None, fused=True, epochs=1, seconds=(0.5, 2.0), u=u,
+                                executed=(29, 29))
     assert fused["perf/recompute_tflop"] == forward_cost(args, [10, 7, 12], logit_tokens=12).flops / 1e12  # pi_ref only
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from tests.spine.test_disaggregated import _free_port, golden_series
 from tests.spine.test_golden import GOLDEN, OVERRIDES, ROOT, assert_series
+from tests.test_utilisation import assert_waterfall
 
 ASYNC = ["--run.placement=disaggregated", "--run.pipeline=async"]
 
@@ -43,6 +44,9 @@ def test_staleness_zero_is_the_synchronous_run(tmp_path):
     rl = [row for row in rows if "loss/total" in row]
     assert all(row["staleness/max"] == 0 and row["staleness/tokens_0"] == row["train/tokens"] for row in rl)
     assert all(row["rollout/trained_seqs"] == 32 for row in rl)  # 8 groups x 4 per step
+    for row in rl:  # the trainer's step and the rollout's time with its version add up (docs/rlu.md)
+        assert_waterfall(row)
+    assert_waterfall(json.loads((tmp_path / "run" / "results.json").read_text())["utilisation"])
 
 
 ECHO = ["--sft.steps=30", "--run.steps=12", "--rollout.prompts_per_step=4", "--rollout.group_size=4",
@@ -103,3 +107,6 @@ def test_slow_trainer_makes_rollout_ranks_wait(tmp_path):
     staleness_checks(rl, 1)
     assert statistics.fmean(row["perf/rollout_idle_frac"] for row in rl[2:]) > 0.3
     assert all(row["time/wait"] < 0.25 for row in rl[2:])  # the trainer itself never waits for data
+    for row in rl[2:]:  # the waterfall says so: the rollout ranks' idle time, the trainer's train time
+        assert_waterfall(row)
+        assert row["waterfall/idle"] > 0.2 and row["waterfall/train"] > 0.2

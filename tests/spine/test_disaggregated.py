@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.spine.test_golden import GOLDEN, KEYS, OVERRIDES, ROOT, assert_series
+from tests.test_utilisation import assert_waterfall
 
 
 def _free_port() -> int:
@@ -56,3 +57,7 @@ def test_disaggregated_equals_colocated(tmp_path, rollout, trainer):
     assert [row["publish/weights_max_abs"] for row in rl] == [0.0] * len(rl)  # bitwise, every publish
     assert all(row["policy_version"] == row["step"] + 1 for row in rl)  # 0 after the warm-start, then one per step
     assert all(row["rollout/episodes"] == 32 for row in rl)  # 8 groups x 4, over all rollout ranks
+    for row in rl:  # every rank's time, the trainer's waiting for trajectories included (docs/rlu.md)
+        assert_waterfall(row)
+        assert row["waterfall/idle"] > 0.05 and row["waterfall/transfer"] > 0  # the meshes wait for each other
+    assert_waterfall(json.loads((tmp_path / "golden" / "results.json").read_text())["utilisation"])

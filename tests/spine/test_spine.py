@@ -136,6 +136,11 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
     assert abs(a["train/grad_norm"] - b["train/grad_norm"]) <= 1e-5
     assert a["publish/weights_max_abs"] == 0.0 and b["publish/weights_max_abs"] == 0.0  # bitwise
     assert a["publish/probe_max_abs"] <= 1e-5 and b["publish/probe_max_abs"] <= 1e-5
+    from tests.test_utilisation import assert_waterfall
+
+    for row, ranks in ((a, 1), (b, 2)):  # the waterfall of one and of two colocated ranks (docs/rlu.md)
+        assert_waterfall(row)
+        assert row["rlu/device_s"] == pytest.approx(ranks * row["time/step"], rel=0.05)
     # every rank's results reach the files and the sums (issue 14, item 5: rank 0's alone before)
     assert a["rollout/zero_adv_seqs"] == b["rollout/zero_adv_seqs"] >= 4  # whole groups, over both ranks
     for name in ("before", "after"):

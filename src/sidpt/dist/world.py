@@ -64,6 +64,11 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def world_group():
+    """The group of every rank (``None`` in one process, where collectives are the identity)."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()

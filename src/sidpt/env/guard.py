@@ -59,6 +59,7 @@ class Guard:
                  report: Callable[[str], None] | None = None):
         self.mode, self.timeout_s, self.log_path, self.report = mode, timeout_s, log_path, report
         self.count = 0  # faults so far
+        self.seconds = 0.0  # time in guarded calls so far, faulted ones included (the waterfall's "environment")
         self._worker: _Worker | None = None
 
     def call(self, what: str, sample: Any, fn: Callable, *args) -> Any:
@@ -71,6 +72,8 @@ class Guard:
             raise self.fault(what, sample, str(e), args, time.perf_counter() - t0) from None
         except Exception as e:  # noqa: BLE001 - user code
             raise self.fault(what, sample, f"{type(e).__name__}: {e}", args, time.perf_counter() - t0) from e
+        finally:
+            self.seconds += time.perf_counter() - t0
 
     def _run(self, fn: Callable, args: tuple) -> Any:
         if self.timeout_s <= 0:
