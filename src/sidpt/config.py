@@ -90,6 +90,14 @@ class RunConfig:
     verify_publish: bool = False
     """After each weight publish, compare the engine's weights with the trainer's full weights
     (logged as publish/weights_max_abs; 0 means bitwise equal). Costs one extra all-gather."""
+    trace_steps: str = ""
+    """RL steps whose phases every rank records into ``trace.json``, a Chrome-trace timeline that
+    ui.perfetto.dev opens (one track per rank): "a:b" is steps a to b-1, "a" one step, "" none. In
+    the async pipeline a rollout rank records its time with weight versions a to b-1."""
+    telemetry_s: float = 0.5
+    """On a GPU with pynvml (``pip install 'sidpt[gpu]'``): seconds between readings of each rank's
+    GPU (utilisation, memory, power, SM clock), aggregated per step as gpu/* and drawn in the
+    trace; 0: off. Nothing to read on a CPU."""
 
 
 @dataclass
@@ -322,6 +330,10 @@ class Config:
             raise ConfigError(f"rollout.group_size={self.rollout.group_size}: algo.advantage="
                               f"{self.algo.advantage!r} compares the samples of a group, so a group of one "
                               f"carries no signal; use >= 2 (or algo.advantage='reinforce_pp')")
+        spec = self.run.trace_steps
+        a, sep, b = spec.partition(":")
+        if spec and not (a.isdigit() and (not sep or (b.isdigit() and int(b) > int(a)))):
+            raise ConfigError(f"run.trace_steps={spec!r}: must be 'a:b' (steps a to b-1, b > a), 'a', or ''")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ConfigError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be < "
                               f"rollout.max_model_len={self.rollout.max_model_len}")

@@ -73,6 +73,7 @@ from sidpt.sft import sft_rows, warm_start
 from sidpt.startup import (
     StopRequest, fit_samples, load_policy, prompt_encoder, report_skipped_rows, set_threads, start_run, threads_note,
 )
+from sidpt.telemetry import GpuSampler, Trace, parse_steps, write_trace
 from sidpt.trainer import OptimConfig, Trainer, lr_at, sequence_logprobs, signal_rows
 from sidpt.utilisation import (
     StepWork, add_model_phase, add_trained, rlu_row, share, usefulness, utilisation_table, weighted_mask,
@@ -106,6 +107,8 @@ class Run:
     run_ess: tuple[float, float] = (0.0, 0.0)  # sum of eta_ess x loss tokens, loss tokens: the run's eta_ess
     loop_s: float = 0.0  # the main rank's time in the RL steps' loop (the run's devices x wall)
     gen_share: float | None = None  # the run's generation share (async: the samples trained of those generated)
+    trace: Trace | None = None  # this rank's phase spans of ``run.trace_steps`` (trace.json)
+    gpu: GpuSampler | None = None  # this rank's GPU readings (a GPU with pynvml; ``run.telemetry_s``)
 
 
 def run(cfg: Config) -> dict[str, dict[str, float]]:
@@ -135,6 +138,8 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
     if r.engine is not None and hasattr(r.engine, "peaks"):
         r.engine.peaks = r.peaks  # the engine's roofline time (perf/gen_roofline_frac)
     console.print(f"device peak: {r.peaks.flops / 1e9:.1f} GFLOP/s, {r.peaks.bytes / 1e9:.1f} GB/s ({r.peaks.source})")
+    r.trace = r.timers.trace = guard.trace = Trace(world.rank, parse_steps(cfg.run.trace_steps))
+    r.gpu = GpuSampler.start(world.device, cfg.run.telemetry_s, r.trace)
     publish(r, version=0)
     start = resume(r)  # the RL steps a checkpoint already holds (run.resume; 0: a fresh run)
     if cfg.sft.steps and not start:
@@ -167,6 +172,7 @@ def sync_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
     for step in range(start, cfg.run.steps):
         if r.stop.requested():
             break
+        r.trace.at(step)
         row = rl_step(r, step)  # complete on the main rank
         r.log.log(step, row)
         curve.append((step, row.get("reward/mean", 0.0)))
@@ -232,11 +238,30 @@ def rl_step(r: Run, step: int) -> dict[str, float]:
     with r.timers("publish"):
         stats.update(publish(r, measure=True))
     wall = time.perf_counter() - t0
+    r.trace.span("step", t0, t0 + wall, step)
     stats.update(step_utilisation(r, wall, stats))
+    stats.update(gpu_telemetry(r, world_group()))
     return step_row(r, episodes, stats, wall, work if plan.rollout_enabled else None)
 
 
 # -- utilisation (docs/rlu.md) ---------------------------------------------------------------
+
+
+def gpu_telemetry(r: Run, group) -> dict[str, float]:
+    """The step's GPU readings (``GpuSampler.pop``) over ``group``: utilisation, power and clock
+    averaged over the ranks that read any, memory maxed. {} on a CPU (every rank has the same
+    kind of device, so every rank skips the collectives alike)."""
+    if r.world.device.type != "cuda":
+        return {}
+    g = r.gpu.pop() if r.gpu is not None else {}
+    keys = ("gpu/util_pct", "gpu/power_w", "gpu/sm_clock_mhz", "gpu/samples")
+    sums = all_reduce_sum([float(bool(g))] + [g.get(k, 0.0) for k in keys], r.world.device, group)
+    mem = all_reduce_max([g.get("gpu/mem_gib_max", 0.0)], r.world.device, group)[0]
+    if not sums[0]:
+        return {}
+    out = {k: v / sums[0] for k, v in zip(keys[:3], sums[1:4])}
+    out.update({"gpu/samples": sums[4], "gpu/mem_gib_max": mem})
+    return out
 
 
 def sync_point(r: Run, group) -> None:
@@ -414,7 +439,8 @@ def stream_rollouts(r: Run, bar, start: int = 0) -> dict[int, dict]:
                          attempt=f"{start}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     share = -(-(ahead + 1) * B // R) * c.group_size  # its share of the groups the bound lets start
     delay = cfg.run.delay_s if r.world.rank == cfg.run.delay_rank else 0.0
-    lap = Lap()  # every second of the loop goes to one phase of the version held (work/*: the waterfall)
+    lap = Lap(r.trace)  # every second of the loop goes to one phase of the version held (work/*: the waterfall)
+    r.trace.at(engine.policy_version)
     while True:
         # start what the bound allows: the next group this rank runs, once its weights are recent
         # enough, while this rank runs less than its share and keeps pace (``GroupClaims.may_claim``)
@@ -441,6 +467,10 @@ def stream_rollouts(r: Run, bar, start: int = 0) -> dict[int, dict]:
             claims.version()
             state.add(engine.policy_version, take_weights(r, weights, runner, version))
             state.add(engine.policy_version, {**lap.phase("publish"), "work/roofline_publish": publish_roofline(r)})
+            r.trace.at(engine.policy_version)
+            if (g := r.gpu.pop() if r.gpu is not None else {}):  # this rank's GPU while it held the old version
+                state.add(version - 1, {f"gpu/rollout_{k.removeprefix('gpu/')}": (v, 1.0) for k, v in g.items()
+                                        if k != "gpu/samples"})
             bar(info=f"version {version}")
             continue
         t0, env0, roof0 = time.perf_counter(), r.guard.seconds, engine.stats.get("roofline_s", 0.0)
@@ -473,14 +503,15 @@ def stream_rollouts(r: Run, bar, start: int = 0) -> dict[int, dict]:
 
 class Lap:
     """Consecutive laps of a loop: ``phase(name)`` returns {"work/<name>": seconds since the last
-    lap, "work/wall": the same} (a rollout rank's waterfall in the async pipeline)."""
+    lap, "work/wall": the same} (a rollout rank's waterfall in the async pipeline), and traces it."""
 
-    def __init__(self):
-        self.t = time.perf_counter()
+    def __init__(self, trace: Trace):
+        self.t, self.trace = time.perf_counter(), trace
 
     def phase(self, name: str) -> dict[str, float]:
         now = time.perf_counter()
-        d, self.t = now - self.t, now
+        d, t0, self.t = now - self.t, self.t, now
+        self.trace.span(name, t0, now)
         return {f"work/{name}": d, "work/wall": d}
 
 
@@ -521,6 +552,7 @@ def train_async(r: Run, start: int = 0) -> int:
         if r.stop.requested(group):
             break
         t0, r.work = time.perf_counter(), StepWork()
+        r.trace.at(step)
         with r.timers("wait"):  # idle: the schedule waits for trajectories
             chosen = next_batch(pipe, rx) if main else None
         with r.timers("transfer"):
@@ -535,6 +567,8 @@ def train_async(r: Run, start: int = 0) -> int:
             publish_version(r.trainer.full_weights(cfg.train.publish_bucket_mb), step + 1, plan.main_trainer,
                             plan.weight_group, send=main)
         work = reduce_work(r, time.perf_counter() - t0, stats, group)[0]  # the trainer ranks' part
+        r.trace.span("step", t0, time.perf_counter(), step)
+        stats.update(gpu_telemetry(r, group))
         if main:
             stats.update(pipe.metrics(chosen))
             stats.update(restored if step == start and r.resumed_from else {})
@@ -898,8 +932,26 @@ def finish(r: Run, results: dict, curve: list, args, done: int) -> None:
                             f"final evaluation, policy and results saved")
         r.console.print(f"policy: {policy_dir} (HF checkpoint: --model.path={policy_dir} reloads it), "
                         f"results: {r.run_dir / 'results.json'}")
+    if r.gpu is not None:
+        r.gpu.close()
+    if r.trace.steps:  # every rank's spans to the main rank: one timeline
+        events = gather_to_main(r.trace.events, r.world, world_group())
+        if r.world.is_main:
+            n = write_trace(r.run_dir / "trace.json", events, rank_names(r.plan, r.world.world_size))
+            r.console.print(f"trace: {r.run_dir / 'trace.json'} ({n} spans of steps {r.cfg.run.trace_steps}; "
+                            f"open it in ui.perfetto.dev)")
     r.log.close()
     shutdown()
+
+
+def rank_names(plan: Plan, world_size: int) -> dict[int, str]:
+    """Each rank's label in the timeline: its rank and roles."""
+    def roles(k: int) -> str:
+        have = [name for name, ranks in (("rollout", plan.rollout_ranks), ("trainer", plan.trainer_ranks),
+                                         ("reference", plan.reference_ranks if plan.own_reference else []))
+                if k in ranks]
+        return "+".join(have) or "idle"
+    return {k: f"rank {k} ({roles(k)})" for k in range(world_size)}
 
 
 def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trainer | None, Engine | None,

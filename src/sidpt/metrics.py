@@ -16,10 +16,12 @@ from pathlib import Path
 
 
 class Timers:
-    """Wall time per phase of the current step: ``with timers("rollout"): ...``."""
+    """Wall time per phase of the current step: ``with timers("rollout"): ...``; each span also
+    goes to ``trace`` (a ``sidpt.telemetry.Trace``) when one is set."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
+        self.trace = None
 
     @contextmanager
     def __call__(self, name: str):
@@ -27,7 +29,10 @@ class Timers:
         try:
             yield
         finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
+            end = time.perf_counter()
+            self.times[name] = self.times.get(name, 0.0) + end - t
+            if self.trace is not None:
+                self.trace.span(name, t, end)
 
     def add(self, name: str, seconds: float) -> None:
         self.times[name] = self.times.get(name, 0.0) + seconds

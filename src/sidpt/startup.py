@@ -132,7 +132,8 @@ class StopRequest:
 # keys a resumed run may change: how long it runs and how it checkpoints
 # what may change between a run and its resume: its length, how it checkpoints, and where its
 # directory lives (a run directory moved to another file system resumes there)
-RESUME_FREE = {"run.steps", "run.resume", "run.overwrite", "run.checkpoint_every", "run.keep_checkpoints", "run.out_dir"}
+RESUME_FREE = {"run.steps", "run.resume", "run.overwrite", "run.checkpoint_every", "run.keep_checkpoints", "run.out_dir",
+               "run.trace_steps", "run.telemetry_s"}
 
 
 def check_same_config(cfg: Config, saved: Path) -> None:

@@ -26,11 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def disaggregated_run(out: Path, rollout: int, trainer: int) -> list[dict]:
+def disaggregated_run(out: Path, rollout: int, trainer: int, *extra: str) -> list[dict]:
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(rollout + trainer),
             "--master-port", str(_free_port()), "-m", "sidpt", str(ROOT / "configs/debug.toml"), *OVERRIDES,
             "--model.dtype=float64", f"--run.out_dir={out}", f"--env.dir={out / 'task'}", "--run.name=golden",
-            "--run.placement=disaggregated", f"--run.rollout_ranks={rollout}", "--run.verify_publish=true"]
+            "--run.placement=disaggregated", f"--run.rollout_ranks={rollout}", "--run.verify_publish=true", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -51,7 +51,7 @@ def golden_series(rows: list[dict]) -> dict[str, list[float]]:
 @pytest.mark.parametrize("rollout, trainer", [
     (1, 1), pytest.param(1, 2, marks=pytest.mark.slow), pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_disaggregated_equals_colocated(tmp_path, rollout, trainer):
-    rows = disaggregated_run(tmp_path, rollout, trainer)
+    rows = disaggregated_run(tmp_path, rollout, trainer, "--run.trace_steps=1:3")
     assert_series(golden_series(rows), json.loads(GOLDEN.read_text())["float64"], 1e-6, f"disaggregated {rollout}+{trainer}")
     rl = [row for row in rows if "loss/total" in row]
     assert [row["publish/weights_max_abs"] for row in rl] == [0.0] * len(rl)  # bitwise, every publish
@@ -61,3 +61,14 @@ def test_disaggregated_equals_colocated(tmp_path, rollout, trainer):
         assert_waterfall(row)
         assert row["waterfall/idle"] > 0.05 and row["waterfall/transfer"] > 0  # the meshes wait for each other
     assert_waterfall(json.loads((tmp_path / "golden" / "results.json").read_text())["utilisation"])
+    # the timeline: every rank's phases of steps 1 and 2, each inside its own step's span
+    events = json.loads((tmp_path / "golden" / "trace.json").read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {k: f"rank {k} ({'rollout' if k < rollout else 'trainer'})" for k in range(rollout + trainer)}
+    for pid in names:
+        steps = [e for e in events if e["pid"] == pid and e["name"] == "step"]
+        assert [e["args"]["step"] for e in steps] == [1, 2]
+        spans = [e for e in events if e["pid"] == pid and e["ph"] == "X" and e["name"] != "step"]
+        want = {"rollout", "idle", "transfer", "publish"} if pid < rollout else {"idle", "transfer", "trainer", "train"}
+        assert want <= {e["name"] for e in spans}, (pid, {e["name"] for e in spans})
+        assert all(any(s["ts"] <= e["ts"] and e["ts"] + e["dur"] <= s["ts"] + s["dur"] + 1 for s in steps) for e in spans)

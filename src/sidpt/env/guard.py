@@ -60,6 +60,7 @@ class Guard:
         self.mode, self.timeout_s, self.log_path, self.report = mode, timeout_s, log_path, report
         self.count = 0  # faults so far
         self.seconds = 0.0  # time in guarded calls so far, faulted ones included (the waterfall's "environment")
+        self.trace = None  # where each call's span goes, when set
         self._worker: _Worker | None = None
 
     def call(self, what: str, sample: Any, fn: Callable, *args) -> Any:
@@ -74,6 +75,8 @@ class Guard:
             raise self.fault(what, sample, f"{type(e).__name__}: {e}", args, time.perf_counter() - t0) from e
         finally:
             self.seconds += time.perf_counter() - t0
+            if self.trace is not None:  # a span of the timeline (sidpt.telemetry.Trace)
+                self.trace.span(what, t0, time.perf_counter())
 
     def _run(self, fn: Callable, args: tuple) -> Any:
         if self.timeout_s <= 0:
