@@ -134,12 +134,7 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
                   f"trainer {plan.trainer_ranks}); env {cfg.env['name']}; model {policy.args.family} "
                   f"{count_params(policy) / 1e6:.2f}M params, vocab {policy.args.vocab_size}; run dir {run_dir}")
     console.print(threads_note(threads, local_ranks))
-    r.peaks = device_peaks(world.device)  # every rank, at once: what each can do while all run
-    if r.engine is not None and hasattr(r.engine, "peaks"):
-        r.engine.peaks = r.peaks  # the engine's roofline time (perf/gen_roofline_frac)
-    console.print(f"device peak: {r.peaks.flops / 1e9:.1f} GFLOP/s, {r.peaks.bytes / 1e9:.1f} GB/s ({r.peaks.source})")
-    r.trace = r.timers.trace = guard.trace = Trace(world.rank, parse_steps(cfg.run.trace_steps))
-    r.gpu = GpuSampler.start(world.device, cfg.run.telemetry_s, r.trace)
+    start_instruments(r)  # device peaks, the timeline, the GPU sampler
     publish(r, version=0)
     start = resume(r)  # the RL steps a checkpoint already holds (run.resume; 0: a fresh run)
     if cfg.sft.steps and not start:
@@ -163,6 +158,19 @@ def run(cfg: Config) -> dict[str, dict[str, float]]:
         results["after"] = evaluate_heldout(r, "after", curve[-1][0] + 1)
     finish(r, results, curve, policy.args, curve[-1][0] + 1 if curve else start)
     return results
+
+
+def start_instruments(r: Run) -> None:
+    """Every rank measures its device's peaks (at once: what each can do while all run; the
+    engine's roofline time uses them), starts its timeline (``run.trace_steps``) and, on a GPU,
+    its pynvml sampler (``run.telemetry_s``)."""
+    r.peaks = device_peaks(r.world.device)
+    if r.engine is not None and hasattr(r.engine, "peaks"):
+        r.engine.peaks = r.peaks  # the engine's roofline time (perf/gen_roofline_frac)
+    r.console.print(f"device peak: {r.peaks.flops / 1e9:.1f} GFLOP/s, {r.peaks.bytes / 1e9:.1f} GB/s "
+                    f"({r.peaks.source})")
+    r.trace = r.timers.trace = r.guard.trace = Trace(r.world.rank, parse_steps(r.cfg.run.trace_steps))
+    r.gpu = GpuSampler.start(r.world.device, r.cfg.run.telemetry_s, r.trace)
 
 
 def sync_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
