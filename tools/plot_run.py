@@ -66,6 +66,15 @@ def save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def label(ax, ylabel: str, title: str, xlabel: str = "RL step", **legend) -> None:
+    """Axis labels with units, the title, a light grid and the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend.pop("fontsize", 8), **legend)
+
+
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in rows if key in r]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -100,25 +109,17 @@ def plot_mismatch(rl, out: Path) -> str | None:
     if not any("mismatch/kl_k3" in r for r in rl):
         return "no mismatch/* (no step trained)"
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label in (("mismatch/kl_k3", "KL(mu || pi_old), k3 estimator"),
+    for key, text in (("mismatch/kl_k3", "KL(mu || pi_old), k3 estimator"),
                        ("mismatch/chi2_token", "chi-square per token, E[rho^2] - 1")):
         x, y = series(rl, key)
-        ax.plot(x, y, "o-", markersize=3, label=label)
+        ax.plot(x, y, "o-", markersize=3, label=text)
     ax.set_yscale("symlog", linthresh=1e-6)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("divergence (nats; symlog)")
-    ax.set_title("Trainer-inference mismatch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    for key, label in (("mismatch/ess_ratio", "ESS of rho = pi_old / mu"),
+    label(ax, "divergence (nats; symlog)", "Trainer-inference mismatch")
+    for key, text in (("mismatch/ess_ratio", "ESS of rho = pi_old / mu"),
                        ("mismatch/ess_weight", "ESS of the applied weights (eta_ess)")):
         x, y = series(rl, key)
-        bx.plot(x, y, "o-", markersize=3, label=label)
-    bx.set_xlabel("RL step")
-    bx.set_ylabel("effective sample size / n (0 to 1)")
-    bx.set_title("Importance weights")
-    bx.grid(alpha=0.3)
-    bx.legend(fontsize=8)
+        bx.plot(x, y, "o-", markersize=3, label=text)
+    label(bx, "effective sample size / n (0 to 1)", "Importance weights")
     save(fig, out / "mismatch.png")
     return None
 
@@ -127,31 +128,23 @@ def plot_rlu(rl, util: dict, out: Path) -> str | None:
     if not any("rlu/rlu" in r for r in rl):
         return "no rlu/* (a run before issue 20)"
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label, colour in (("rlu/u_hw", "U_hw: roofline time / device time", "tab:blue"),
+    for key, text, colour in (("rlu/u_hw", "U_hw: roofline time / device time", "tab:blue"),
                                ("rlu/eta_use", "eta_use: share on weighted tokens", "tab:green"),
                                ("rlu/eta_ess", "eta_ess: ESS fraction", "tab:orange")):
         x, y = series(rl, key)
-        ax.plot(x, y, "o-", markersize=3, color=colour, label=f"{label} (per step)")
+        ax.plot(x, y, "o-", markersize=3, color=colour, label=f"{text} (per step)")
         if key in util:
             ax.axhline(util[key], color=colour, linestyle="--", linewidth=1,
-                       label=f"{label.split(':')[0]} over the run = {util[key]:.3g}")
+                       label=f"{text.split(':')[0]} over the run = {util[key]:.3g}")
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("fraction (0 to 1)")
-    ax.set_title("The factors of RLU")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
+    label(ax, "fraction (0 to 1)", "The factors of RLU", fontsize=7, loc="center right")
     x, y = series(rl, "rlu/rlu")
     bx.plot(x, y, "o-", markersize=3, color="black", label="RLU per step (0: no token of the step taught)")
     if "rlu/rlu" in util:
         bx.axhline(util["rlu/rlu"], color="black", linestyle="--", linewidth=1,
                    label=f"RLU over the run = {util['rlu/rlu']:.3g}")
     bx.set_ylim(bottom=0)
-    bx.set_xlabel("RL step")
-    bx.set_ylabel("RLU (fraction of the devices' peak)")
-    bx.set_title("RL utilisation RLU = U_hw x eta_use x eta_ess")
-    bx.grid(alpha=0.3)
-    bx.legend(fontsize=7)
+    label(bx, "RLU (fraction of the devices' peak)", "RL utilisation RLU = U_hw x eta_use x eta_ess", fontsize=7)
     save(fig, out / "rlu.png")
     return None
 
@@ -162,22 +155,39 @@ def plot_waterfall(rl, util: dict, out: Path) -> str | None:
         return "no waterfall/*"
     names = [p for p in (*PHASES, "between_steps", "other")
              if any(abs(r.get(f"waterfall/{p}", 0.0)) > 1e-4 for r in rows + [util])]
-    labels = [str(r["step"]) for r in rows] + (["run"] if util else [])
-    bars = rows + ([util] if util else [])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(bars) + 3), 4.8))
+    bars, labels = bin_steps(rows, [f"waterfall/{p}" for p in names])
+    bars, labels = bars + ([util] if util else []), labels + (["run"] if util else [])
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.25 * len(bars) + 3)), 4.8))
     bottom = [0.0] * len(bars)
     for p in names:
         h = [100 * max(b.get(f"waterfall/{p}", 0.0), 0.0) for b in bars]
         ax.bar(range(len(bars)), h, bottom=bottom, color=COLOURS.get(p, "gray"), label=p.replace("_", " "))
         bottom = [a + b for a, b in zip(bottom, h)]
-    ax.set_xticks(range(len(bars)), labels, fontsize=7 if len(bars) > 20 else 9)
-    ax.set_xlabel("RL step (last bar: the whole run, with the time between steps)")
+    ax.set_xticks(range(len(bars)), labels, fontsize=7 if len(bars) > 20 else 9,
+                  rotation=60 if len(bars) > 20 else 0)
+    ax.set_xlabel("RL steps (long runs: steps pooled by device time; last bar: the whole run, with the time "
+                  "between steps)")
     ax.set_ylabel("% of devices x wall time")
     ax.set_ylim(0, 100)
     ax.set_title("Where the device time went (waterfall by phase, all ranks)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     save(fig, out / "waterfall.png")
     return None
+
+
+def bin_steps(rows: list[dict], keys: list[str], most: int = 40) -> tuple[list[dict], list[str]]:
+    """At most ``most`` bars: consecutive steps pooled, each share weighted by its step's device
+    time (``rlu/device_s``), labelled by their step range."""
+    k = -(-len(rows) // most)
+    if k == 1:
+        return rows, [str(r["step"]) for r in rows]
+    bars, labels = [], []
+    for i in range(0, len(rows), k):
+        part = rows[i:i + k]
+        dev = [r.get("rlu/device_s", 1.0) for r in part]
+        bars.append({key: sum(r.get(key, 0.0) * d for r, d in zip(part, dev)) / sum(dev) for key in keys})
+        labels.append(f"{part[0]['step']}-{part[-1]['step']}")
+    return bars, labels
 
 
 def plot_staleness(rl, out: Path) -> str | None:

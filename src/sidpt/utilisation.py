@@ -133,7 +133,7 @@ def rlu_row(w: StepWork, ess: float, gen_share: float | None = None, between: fl
     useful = sum(useful_seconds(w, gen_share)[p] for p in PHASES)  # the same order: exactly 1 when all is useful
     u_hw, eta_use = roof / wall, (useful / roof if roof > 0 else 0.0)
     row.update({"rlu/u_hw": u_hw, "rlu/eta_use": eta_use, "rlu/eta_ess": ess, "rlu/rlu": u_hw * eta_use * ess,
-                "rlu/device_s": wall})
+                "rlu/device_s": wall, "perf/trained_tokens_per_device_s": w.total_len / wall})
     row.update({f"rlu/roofline_{p}": w.roofline.get(p, 0.0) / wall for p in PHASES if w.roofline.get(p)})
     return row
 
