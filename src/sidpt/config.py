@@ -258,6 +258,12 @@ class TrainConfig:
     """RL forwards (update, recompute, the trainer's reference) on packed micro-batches: one row
     without padding in which each group's shared prompt appears once (``sidpt.packing``); the
     same log-probs and gradients to float rounding. Off: right-padded rows."""
+    fused_logprobs: Literal["auto", "on", "off"] = "auto"
+    """The trainer's LM head and log-probs (and entropies) through the fused kernel
+    (``kernels/linear_logprob.py``): never the [tokens, vocab] logits, their memory at 152k
+    vocabularies is the trainer's largest tensor. auto: on a GPU (compiled Triton), off on a CPU
+    (its torch path trades about 1.1x time for the memory: tools/bench_kernels.py); never in
+    ``model.numerics = "exact"`` (the fused sums are not the engine's batch-invariant ones)."""
     fuse_old_logprobs: bool = True
     """With one optimizer update per batch (``mini_batches = epochs = 1``) take pi_old from the
     training forward's own log-probs (detached: pi_old = pi before the only step) instead of a
@@ -350,6 +356,9 @@ class Config:
                 k, v, want = bad[0]
                 raise ConfigError(f"{k}={v!r}: model.numerics='exact' needs {want!r} (the trainer scores the engine's "
                                   f"own distribution with the same ops)")
+        if self.train.fused_logprobs == "on" and self.model.numerics == "exact":
+            raise ConfigError("train.fused_logprobs='on': exact numerics score the engine's batch-invariant "
+                              "log-softmax; the fused kernel's sums are another order (use 'auto' or 'off')")
         if self.rollout.speculative and self.model.numerics != "exact":
             raise ConfigError(f"rollout.speculative={self.rollout.speculative}: the verifier is the exact policy; set "
                               f"model.numerics='exact'")

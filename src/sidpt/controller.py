@@ -974,8 +974,10 @@ def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trai
         reference = Reference(policy, cfg.train.micro_batch_tokens)
     if plan.trainer_enabled:
         t = cfg.train
+        fused = t.fused_logprobs == "on" or (t.fused_logprobs == "auto" and cfg.model.numerics != "exact"
+                                             and next(policy.parameters()).device.type == "cuda")
         trainer = Trainer(policy, OptimConfig(t.lr, t.weight_decay, (t.beta1, t.beta2), t.grad_clip,
-                                              t.micro_batch_tokens, t.pack), mesh=plan.trainer_mesh,
+                                              t.micro_batch_tokens, t.pack, fused), mesh=plan.trainer_mesh,
                           reference=cfg.algo.kl_coef > 0 and not plan.own_reference)
     if plan.rollout_enabled:
         with torch.device("meta"):

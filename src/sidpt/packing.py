@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sidpt.logprobs import head_logprobs
 from sidpt.model import numerics
-from sidpt.model.model import token_logprobs
-from sidpt.rl import entropy_from_logits
 
 
 @dataclass
@@ -173,18 +172,15 @@ def source_index(pk: Packing, target: torch.Tensor) -> torch.Tensor:
 
 
 def packed_logprobs(model, tokens: torch.Tensor, seq_len: torch.Tensor, prompt_len: torch.Tensor,
-                    group: torch.Tensor, mask: torch.Tensor, entropy: bool = False):
-    """``sequence_logprobs(model, tokens, entropy, mask)`` through the packed layout: lp [n, T]
+                    group: torch.Tensor, mask: torch.Tensor, entropy: bool = False, fused: bool = False):
+    """``sequence_logprobs(model, tokens, entropy, mask, fused)`` through the packed layout: lp [n, T]
     with lp[:, t] = log p(tokens[:, t] | tokens[:, :t]) on the ``mask`` positions (0 elsewhere),
     their entropies when asked, and the number of flat tokens the forward ran on."""
     target = mask.clone()
     target[:, 0] = False
-    exact = getattr(model, "numerics", "default") == "exact"
-    pk = build_packing(tokens, seq_len, prompt_len, group, exact)
-    logits = model(pk.tokens, pk.positions, attn=pk, select=source_index(pk, target))  # [M, V]
-    picked = token_logprobs(logits, tokens[target], exact)  # [M]
+    pk = build_packing(tokens, seq_len, prompt_len, group, getattr(model, "numerics", "default") == "exact")
+    picked, ents = head_logprobs(model, tokens[target], entropy, fused, tokens=pk.tokens, positions=pk.positions,
+                                 attn=pk, select=source_index(pk, target))  # [M] each
     lp = torch.zeros(tokens.shape, dtype=picked.dtype, device=tokens.device).masked_scatter(target, picked)
-    ent = None
-    if entropy:
-        ent = torch.zeros_like(lp).masked_scatter(target, entropy_from_logits(logits))
+    ent = None if ents is None else torch.zeros_like(lp).masked_scatter(target, ents)
     return lp, ent, pk.tokens.shape[1]

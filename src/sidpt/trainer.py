@@ -26,6 +26,7 @@ from sidpt.batch import ADVANTAGES, GROUP_ID, LOSS_MASK, OLD_LOGPROBS, PROMPT_LE
 from sidpt.dist.transfer import bucket_names
 from sidpt.dist.world import all_reduce_max, all_reduce_sum
 from sidpt.model.model import Transformer, token_logprobs
+from sidpt.logprobs import head_logprobs
 from sidpt.packing import packed_logprobs
 from sidpt.rl import TRAIN_MASK, Correction, LossNorm, all_reduce_norm, entropy_from_logits, loss_norm, micro_batch_loss
 
@@ -38,12 +39,15 @@ class OptimConfig:
     grad_clip: float
     micro_batch_tokens: int
     pack: bool = False  # RL forwards through sidpt.packing (no padding, each group's prompt once)
+    fused: bool = False  # the LM head and log-probs through kernels/linear_logprob.py (no [M, V] logits)
 
 
-def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False, mask: torch.Tensor | None = None):
+def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False, mask: torch.Tensor | None = None,
+                      fused: bool = False):
     """lp [n, T] with lp[:, t] = log p(tokens[:, t] | tokens[:, :t]) (0 at t = 0), float32; and the
     entropy [n, T] of the same next-token distributions when asked. With ``mask`` [n, T] only the
-    masked positions are computed (the others are 0) and the LM head runs on those rows only.
+    masked positions are computed (the others are 0) and the LM head runs on those rows only
+    (``fused``: through the fused log-prob kernel, ``head_logprobs``).
     A model in exact numerics (``set_numerics``) takes the engine's batch-invariant log-softmax."""
     exact = getattr(model, "numerics", "default") == "exact"
     if mask is None:
@@ -54,12 +58,9 @@ def sequence_logprobs(model, tokens: torch.Tensor, entropy: bool = False, mask: 
     target = mask.clone()
     target[:, 0] = False
     source = F.pad(target[:, 1:], (0, 1))  # the hidden state at t-1 predicts token t
-    logits = model(tokens, select=source)  # [M, V]
-    picked = token_logprobs(logits, tokens[target], exact)  # [M]
+    picked, ents = head_logprobs(model, tokens[target], entropy, fused, tokens=tokens, select=source)  # [M] each
     lp = torch.zeros(tokens.shape, dtype=picked.dtype, device=tokens.device).masked_scatter(target, picked)
-    ent = None
-    if entropy:
-        ent = torch.zeros_like(lp).masked_scatter(target, entropy_from_logits(logits))
+    ent = None if ents is None else torch.zeros_like(lp).masked_scatter(target, ents)
     return lp, ent
 
 
@@ -121,9 +122,11 @@ class Trainer:
         prompt lengths and group ids: the same values to float rounding, less work. Counts the
         tokens the forward ran on (``forward_tokens``: packed or padded), for utilisation figures."""
         if self.cfg.pack and PROMPT_LEN in mb.keys() and GROUP_ID in mb.keys():
-            lp, ent, n = packed_logprobs(model, mb[TOKENS], mb[SEQ_LEN], mb[PROMPT_LEN], mb[GROUP_ID], mask, entropy)
+            lp, ent, n = packed_logprobs(model, mb[TOKENS], mb[SEQ_LEN], mb[PROMPT_LEN], mb[GROUP_ID], mask, entropy,
+                                         fused=self.cfg.fused)
         else:
-            (lp, ent), n = sequence_logprobs(model, mb[TOKENS], entropy=entropy, mask=mask), mb[TOKENS].numel()
+            (lp, ent), n = (sequence_logprobs(model, mb[TOKENS], entropy=entropy, mask=mask, fused=self.cfg.fused),
+                            mb[TOKENS].numel())
         self.forward_tokens += n
         self.tokens_run += n
         return lp, ent

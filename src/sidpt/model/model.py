@@ -374,16 +374,18 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attn: Attention = causal_attention,
         select: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        head=None,
+    ):
         """tokens [B, T] -> logits [B, T, V]; with ``select`` (bool [B, T], or int64 [M] indices
         into the flattened B * T positions) only the logits of the selected positions, [M, V]:
         the LM head is skipped where no log-prob is needed (in RL most positions are prompt or
-        observation). A forward argument, not a separate method, so that
-        FSDP2's hooks on the root module run."""
+        observation). ``head``: a function of (hidden [M, D], the LM head's weight [V, D]) run
+        instead of the logits (the fused log-prob kernel: no [M, V] tensor). Forward arguments,
+        not separate methods, so that FSDP2's hooks on the root module run."""
         hidden = self.forward_hidden(tokens, positions, attn)
         if select is not None:  # a bool mask [B, T], or flat indices into B * T (may repeat)
             hidden = hidden[select] if select.dtype == torch.bool else hidden.flatten(0, 1)[select]
-        return self.logits(hidden)
+        return self.logits(hidden) if head is None else head(hidden, self.lm_head_weight)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
