@@ -1,0 +1,123 @@
+"""The kernel correctness suite as a command: every kernel's hypothesis properties against its
+float64 reference, on every implementation this machine has (the torch path; the Triton code
+compiled on a GPU, under the interpreter on a CPU), and a table.
+
+    python -m kernels.check                  # the default budget of cases per kernel and path
+    python -m kernels.check --examples 200   # more
+
+The tests (tests/kernels/) run the same properties with a smaller budget; this module is where
+they live. Tolerance: the largest absolute error over the largest reference magnitude (floored at
+1): float32 <= 1e-5, float16 <= 1e-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():  # read when a kernel is decorated: before kernels are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kernels import backend  # noqa: E402
+from kernels.linear_logprob import IGNORE, linear_logprob, linear_logprob_reference  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def implementations() -> list[str]:
+    """The torch path, and the Triton code where it can run here."""
+    if torch.cuda.is_available():
+        return ["torch", backend(torch.device("cuda"))]
+    return ["torch"] + (["interpret"] if backend(torch.device("cpu")) == "interpret" else [])
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double().cpu() - want.detach()).abs().max() / want.detach().abs().max().clamp(min=1.0))
+
+
+def linear_logprob_errors(impl: str, N: int, V: int, D: int, dtype: torch.dtype, temperature: float, scale: float,
+                          ignored: float, seed: int) -> dict[str, float]:
+    """One drawn case of the fused log-prob + entropy: the relative error of the log-probs, the
+    entropies and both gradients against the float64 reference, for random upstream gradients.
+    ``scale``: the logits' magnitude (40: rows whose distribution is nearly one token)."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(N, D, generator=g) * scale / D**0.5).to(dtype)
+    w = torch.randn(V, D, generator=g).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[torch.rand(N, generator=g) < ignored] = IGNORE
+    g_lp, g_ent = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    ref_h, ref_w = h.double().requires_grad_(), w.double().requires_grad_()
+    lp_ref, ent_ref = linear_logprob_reference(ref_h, ref_w, targets, temperature)
+    (lp_ref * g_lp + ent_ref * g_ent).sum().backward()
+    device = "cuda" if impl == "triton" else "cpu"
+    x, y = h.to(device).requires_grad_(), w.to(device).requires_grad_()
+    lp, ent = linear_logprob(x, y, targets.to(device), temperature, impl=impl)
+    (lp * g_lp.to(device, lp.dtype) + ent * g_ent.to(device, lp.dtype)).sum().backward()
+    if bool((lp[targets.to(device) == IGNORE] != 0).any()):
+        return {"ignored rows": float("inf")}
+    return {"log-prob": rel_err(lp, lp_ref), "entropy": rel_err(ent, ent_ref), "dh": rel_err(x.grad, ref_h.grad),
+            "dW": rel_err(y.grad, ref_w.grad)}
+
+
+def linear_logprob_property(impl: str, max_examples: int) -> dict[torch.dtype, tuple[int, float]]:
+    """Hypothesis draws shapes (N = 1, odd sizes, vocabularies no multiple of a block), dtypes,
+    temperatures, logit magnitudes and ignored rows; every case must meet its tolerance. Returns
+    dtype -> (cases, the worst error)."""
+    seen: dict[torch.dtype, tuple[int, float]] = {}
+
+    @settings(max_examples=max_examples, deadline=None, database=None)
+    @given(N=st.integers(1, 40), V=st.integers(1, 200), D=st.integers(1, 48), dtype=st.sampled_from(list(TOL)),
+           temperature=st.floats(0.3, 2.0), scale=st.sampled_from([0.1, 3.0, 40.0]),
+           ignored=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2**31 - 1))
+    def prop(N, V, D, dtype, temperature, scale, ignored, seed):
+        errs = linear_logprob_errors(impl, N, V, D, dtype, temperature, scale, ignored, seed)
+        worst = max(errs.values())
+        n, w = seen.get(dtype, (0, 0.0))
+        seen[dtype] = (n + 1, max(w, worst))
+        assert worst <= TOL[dtype], (errs, impl, N, V, D, dtype, temperature, scale)
+
+    prop()
+    return seen
+
+
+KERNELS = {"linear_logprob": linear_logprob_property}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--examples", type=int, default=50, help="hypothesis cases per kernel and implementation")
+    a = ap.parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"kernel correctness vs float64 ({'GPU' if torch.cuda.is_available() else 'CPU'})")
+    for col in ("kernel", "path", "dtype", "cases", "max error", "tolerance", "pass", "s"):
+        t.add_column(col, justify="right")
+    failed = 0
+    for name, prop in KERNELS.items():
+        for impl in implementations():
+            t0 = time.perf_counter()
+            try:
+                seen, why = prop(impl, a.examples), ""
+            except AssertionError as e:  # hypothesis shrank a failing case: report it
+                seen, why = {}, str(e)[:200]
+                failed += 1
+            dt = time.perf_counter() - t0
+            if why:
+                t.add_row(name, impl, "-", "-", "-", "-", f"[red]FAIL[/] {why}", f"{dt:.0f}")
+            for dtype, (n, err) in seen.items():
+                t.add_row(name, impl, str(dtype).removeprefix("torch."), str(n), f"{err:.1e}", f"{TOL[dtype]:.0e}",
+                          "pass" if err <= TOL[dtype] else "[red]FAIL[/]", f"{dt:.0f}")
+    Console().print(t)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
