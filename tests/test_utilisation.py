@@ -35,6 +35,13 @@ def assert_waterfall(row: dict, tol: float = 0.01) -> None:
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
     assert 0 < row["rlu/u_hw"] < 1 and 0 <= row["rlu/eta_use"] <= 1 and 0 < row["rlu/eta_ess"] <= 1
     assert row["rlu/rlu"] == pytest.approx(row["rlu/u_hw"] * row["rlu/eta_use"] * row["rlu/eta_ess"], rel=1e-12)
+    roles = {k.split("/")[0] for k in row if k.startswith("waterfall_")}
+    for role in roles:  # each role's ranks over their own time (runs with more than one role)
+        part = {k: v for k, v in row.items() if k.startswith(f"{role}/")}
+        assert abs(part[f"{role}/other"]) < tol and sum(part.values()) == pytest.approx(1.0, abs=1e-9), part
+    if roles:
+        assert sum(row[f"rlu/device_s_{r.removeprefix('waterfall_')}"] for r in roles) == pytest.approx(
+            row["rlu/device_s"] * (1 - row.get("waterfall/between_steps", 0.0)), rel=1e-9)
 
 
 def hand_batch(rewards: list[list[float]], prompt: int = 3, response: int = 4, seed: int = 0):

@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sidpt.utilisation import PHASES  # noqa: E402
+from sidpt.utilisation import PHASES, ROLES  # noqa: E402
 
 # one colour per phase, the same in every figure (tab10 order; "other" grey)
 COLOURS = dict(zip((*PHASES, "between_steps", "other"),
@@ -157,6 +157,10 @@ def plot_waterfall(rl, util: dict, out: Path) -> str | None:
              if any(abs(r.get(f"waterfall/{p}", 0.0)) > 1e-4 for r in rows + [util])]
     bars, labels = bin_steps(rows, [f"waterfall/{p}" for p in names])
     bars, labels = bars + ([util] if util else []), labels + (["run"] if util else [])
+    for role in ROLES:  # the run's waterfall of each role's ranks (disaggregated runs)
+        if f"waterfall_{role}/other" in util:
+            bars.append({f"waterfall/{p}": util.get(f"waterfall_{role}/{p}", 0.0) for p in (*PHASES, "other")})
+            labels.append(f"run: {role}")
     fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.25 * len(bars) + 3)), 4.8))
     bottom = [0.0] * len(bars)
     for p in names:
@@ -165,8 +169,8 @@ def plot_waterfall(rl, util: dict, out: Path) -> str | None:
         bottom = [a + b for a, b in zip(bottom, h)]
     ax.set_xticks(range(len(bars)), labels, fontsize=7 if len(bars) > 20 else 9,
                   rotation=60 if len(bars) > 20 else 0)
-    ax.set_xlabel("RL steps (long runs: steps pooled by device time; last bar: the whole run, with the time "
-                  "between steps)")
+    ax.set_xlabel("RL steps (long runs: steps pooled by device time); the run, with the time between steps; "
+                  "the run by role")
     ax.set_ylabel("% of devices x wall time")
     ax.set_ylim(0, 100)
     ax.set_title("Where the device time went (waterfall by phase, all ranks)")

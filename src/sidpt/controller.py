@@ -327,6 +327,7 @@ def reduce_work(r: Run, wall: float, stats: dict[str, float], group) -> tuple[St
     took_part = r.plan.trainer_enabled or r.plan.rollout_enabled  # reference ranks take no part in a publish
     w.add("publish", t.get("publish", 0.0), roofline=publish_roofline(r) if took_part else 0.0)
     w.wall = wall
+    w.role = rank_role(r.plan, r.world.rank)
     main = r.world.rank == r.plan.main_trainer
     v = all_reduce_sum(w.vector() + [stats.get("mismatch/ess_weight", 0.0) if main else 0.0,
                                      stats.get("mismatch/tokens", 0.0) if main else 0.0],
@@ -380,7 +381,7 @@ def async_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
         for version, sums in (rows.items() if kind == "rollout" else ()):
             merged.add(version, sums)
     curve, rollout = [], {v: rollout_work(sums) for v, sums in merged.rows.items()}
-    works = [StepWork.from_vector([row.pop(f"_work/{i}") for i in range(len(StepWork().vector()))])
+    works = [StepWork.from_vector([row.pop(f"_work/{i}", 0.0) for i in range(len(StepWork().vector()))])
              for row in trainer_rows]
     trained = sum(works, StepWork())
     generated = sum(sums.get("work/generated_len", 0.0) for sums in merged.rows.values())
@@ -406,7 +407,7 @@ def async_steps(r: Run, bar, start: int = 0) -> list[tuple[int, float]]:
 
 def rollout_work(sums: dict) -> StepWork:
     """The rollout ranks' accounts of one version (``stream_rollouts``' work/* sums)."""
-    w = StepWork(wall=sums.get("work/wall", 0.0))
+    w = StepWork(wall=sums.get("work/wall", 0.0), role="rollout")
     for phase in ("generate", "environment", "transfer", "publish", "schedule", "idle"):
         w.add(phase, sums.get(f"work/{phase}", 0.0))
     w.add("generate", roofline=sums.get("work/roofline_generate", 0.0))
@@ -950,6 +951,15 @@ def finish(r: Run, results: dict, curve: list, args, done: int) -> None:
                             f"open it in ui.perfetto.dev)")
     r.log.close()
     shutdown()
+
+
+def rank_role(plan: Plan, rank: int) -> str:
+    """A rank's role in the waterfall by role (``utilisation.ROLES``)."""
+    if rank in plan.rollout_ranks and rank in plan.trainer_ranks:
+        return "colocated"
+    if plan.own_reference and rank in plan.reference_ranks:
+        return "reference"
+    return "rollout" if rank in plan.rollout_ranks else "trainer"
 
 
 def rank_names(plan: Plan, world_size: int) -> dict[int, str]:

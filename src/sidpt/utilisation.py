@@ -28,6 +28,7 @@ import torch
 # and bookkeeping; idle: waiting for other ranks at the step's sync points, or for work.
 PHASES = ("generate", "environment", "transfer", "reference", "recompute", "train", "publish", "schedule", "idle")
 TRAJECTORY_PHASES = ("generate", "reference", "recompute", "train")  # their work is per trajectory
+ROLES = ("colocated", "rollout", "trainer", "reference")  # a rank's role in the waterfall by role
 
 
 def weighted_mask(train_mask: torch.Tensor, advantages: torch.Tensor, weight: torch.Tensor,
@@ -57,6 +58,8 @@ class StepWork:
     weighted_len: float = 0.0  # sum_i L_i u_i over the trajectories trained (this rank's)
     total_len: float = 0.0  # sum_i L_i over the same
     wall: float = 0.0  # this rank's step time (summed: devices x wall)
+    role: str = ""  # this rank's role (``ROLES``); a sum has none, it has ``by_role``
+    by_role: dict[str, list[float]] = field(default_factory=dict)  # role -> seconds per phase + [wall]
 
     def add(self, phase: str, seconds: float = 0.0, roofline: float = 0.0, useful: float | None = None) -> None:
         if phase not in PHASES:
@@ -70,15 +73,21 @@ class StepWork:
         """A flat vector for one all-reduce; ``from_vector`` reads the sum back (a phase's
         ``useful`` counts when any rank has an account of it)."""
         has = [1.0 if p in self.useful else 0.0 for p in PHASES]
+        own = [self.seconds.get(p, 0.0) for p in PHASES] + [self.wall]
+        roles = [x for r in ROLES for x in self.by_role.get(r, own if r == self.role else [0.0] * len(own))]
         return ([self.seconds.get(p, 0.0) for p in PHASES] + [self.roofline.get(p, 0.0) for p in PHASES]
-                + [self.useful.get(p, 0.0) for p in PHASES] + has + [self.weighted_len, self.total_len, self.wall])
+                + [self.useful.get(p, 0.0) for p in PHASES] + has + [self.weighted_len, self.total_len, self.wall]
+                + roles)
 
     @staticmethod
     def from_vector(v: list[float]) -> StepWork:
         n = len(PHASES)
         s, rf, u, has = v[:n], v[n:2 * n], v[2 * n:3 * n], v[3 * n:4 * n]
+        blocks = v[4 * n + 3:]
+        by_role = {r: blocks[i * (n + 1):(i + 1) * (n + 1)] for i, r in enumerate(ROLES)}
         return StepWork(dict(zip(PHASES, s)), dict(zip(PHASES, rf)),
-                        {p: x for p, x, h in zip(PHASES, u, has) if h > 0}, *v[4 * n:4 * n + 3])
+                        {p: x for p, x, h in zip(PHASES, u, has) if h > 0}, *v[4 * n:4 * n + 3],
+                        by_role={r: b for r, b in by_role.items() if any(b)})
 
     def __add__(self, other: StepWork) -> StepWork:
         return StepWork.from_vector([a + b for a, b in zip(self.vector(), other.vector())])
@@ -135,6 +144,13 @@ def rlu_row(w: StepWork, ess: float, gen_share: float | None = None, between: fl
     row.update({"rlu/u_hw": u_hw, "rlu/eta_use": eta_use, "rlu/eta_ess": ess, "rlu/rlu": u_hw * eta_use * ess,
                 "rlu/device_s": wall, "perf/trained_tokens_per_device_s": w.total_len / wall})
     row.update({f"rlu/roofline_{p}": w.roofline.get(p, 0.0) / wall for p in PHASES if w.roofline.get(p)})
+    roles = {r: b for r, b in w.by_role.items() if b[-1] > 0}
+    if len(roles) > 1:  # the waterfall of each role's ranks, over their own device time
+        for r, b in roles.items():
+            shares = {f"waterfall_{r}/{p}": x / b[-1] for p, x in zip(PHASES, b)}
+            row.update(shares)
+            row[f"waterfall_{r}/other"] = 1.0 - sum(shares.values())
+            row[f"rlu/device_s_{r}"] = b[-1]
     return row
 
 

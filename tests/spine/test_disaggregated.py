@@ -60,6 +60,8 @@ def test_disaggregated_equals_colocated(tmp_path, rollout, trainer):
     for row in rl:  # every rank's time, the trainer's waiting for trajectories included (docs/rlu.md)
         assert_waterfall(row)
         assert row["waterfall/idle"] > 0.05 and row["waterfall/transfer"] > 0  # the meshes wait for each other
+        assert row["waterfall_trainer/train"] > row["waterfall_rollout/train"] == 0.0  # by role
+        assert row["waterfall_rollout/generate"] > 0.3 and row["waterfall_trainer/generate"] == 0.0
     assert_waterfall(json.loads((tmp_path / "golden" / "results.json").read_text())["utilisation"])
     # the timeline: every rank's phases of steps 1 and 2, each inside its own step's span
     events = json.loads((tmp_path / "golden" / "trace.json").read_text())["traceEvents"]
