@@ -27,6 +27,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from kernels import backend  # noqa: E402
 from kernels.linear_logprob import IGNORE, linear_logprob, linear_logprob_reference  # noqa: E402
+from kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
+from kernels import batch_invariant as bi  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
@@ -87,7 +89,100 @@ def linear_logprob_property(impl: str, max_examples: int) -> dict[torch.dtype, t
     return seen
 
 
-KERNELS = {"linear_logprob": linear_logprob_property}
+def paged_attention_errors(impl: str, B: int, G: int, KV: int, hd: int, block_size: int, longest: int,
+                           dtype: torch.dtype, scale: float, seed: int) -> dict[str, float]:
+    """One drawn case of the paged decode attention: B sequences with context lengths 1 ..
+    ``longest`` whose blocks are scattered over the pool in a random order (the table padded
+    with the scratch block, as the engine pads it), G query heads per KV head."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(1, longest + 1, (B,), generator=g)
+    need = [-(-int(n) // block_size) for n in ctx]
+    n_blocks = sum(need) + 1
+    pool = (n_blocks + 1) * block_size
+    k = (torch.randn(pool, KV, hd, generator=g) * scale).to(dtype)
+    v = torch.randn(pool, KV, hd, generator=g).to(dtype)
+    q = torch.randn(B, G * KV, hd, generator=g).to(dtype)
+    order = torch.randperm(n_blocks, generator=g).tolist()
+    table = torch.full((B, max(need)), n_blocks, dtype=torch.int64)  # n_blocks: the scratch block
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor(order[:n])
+        order = order[n:]
+    want = paged_decode_attention_reference(q, k, v, table, ctx, block_size)
+    device = "cuda" if impl == "triton" else "cpu"
+    got = paged_decode_attention(q.to(device), k.to(device), v.to(device), table.to(device), ctx.to(device),
+                                 block_size, impl=impl)
+    return {"output": rel_err(got, want)}
+
+
+def paged_attention_property(impl: str, max_examples: int) -> dict[torch.dtype, tuple[int, float]]:
+    """Hypothesis draws batch sizes (1 included), GQA groups, head sizes no power of two, block
+    sizes, context lengths (one key to several blocks), key magnitudes and dtypes."""
+    seen: dict[torch.dtype, tuple[int, float]] = {}
+
+    @settings(max_examples=max_examples, deadline=None, database=None)
+    @given(B=st.integers(1, 6), G=st.integers(1, 4), KV=st.integers(1, 3), hd=st.integers(1, 40),
+           block_size=st.sampled_from([1, 4, 16]), longest=st.integers(1, 70), dtype=st.sampled_from(list(TOL)),
+           scale=st.sampled_from([0.3, 1.0, 8.0]), seed=st.integers(0, 2**31 - 1))
+    def prop(B, G, KV, hd, block_size, longest, dtype, scale, seed):
+        errs = paged_attention_errors(impl, B, G, KV, hd, block_size, longest, dtype, scale, seed)
+        n, w = seen.get(dtype, (0, 0.0))
+        seen[dtype] = (n + 1, max(w, errs["output"]))
+        assert errs["output"] <= TOL[dtype], (errs, impl, B, G, KV, hd, block_size, longest, dtype)
+
+    prop()
+    return seen
+
+
+def batch_invariant_errors(impl: str, op: str, M: int, K: int, N: int, dtype: torch.dtype, scale: float,
+                           seed: int) -> dict[str, float]:
+    """One drawn case of a batch-invariant op against its float64 reference, and its
+    invariance: the first rows computed alone must be bitwise the rows computed in the batch
+    (reported as an infinite error when not)."""
+    g = torch.Generator().manual_seed(seed)
+    device = "cuda" if impl == "triton" else "cpu"
+    if op == "matmul":
+        x, w = (torch.randn(M, K, generator=g) * scale).to(dtype), torch.randn(N, K, generator=g).to(dtype)
+        run = lambda rows: bi.matmul(rows.to(device), w.to(device), impl=impl)  # noqa: E731
+        want = bi.matmul_reference(x, w)
+    elif op == "rms_norm":
+        x, w = (torch.randn(M, K, generator=g) * scale).to(dtype), (torch.rand(K, generator=g) + 0.5).to(dtype)
+        run = lambda rows: bi.rms_norm(rows.to(device), w.to(device), 1e-6, impl=impl)  # noqa: E731
+        want = bi.rms_norm_reference(x, w, 1e-6)
+    else:  # attention: M sequences, one query each (decode) at a random position of K keys, N = hd
+        KV, G = 1 + seed % 2, 1 + seed % 3
+        x = (torch.randn(M, KV * G, 1, N, generator=g) * scale).to(dtype)
+        k, v = torch.randn(M, KV, K, N, generator=g).to(dtype), torch.randn(M, KV, K, N, generator=g).to(dtype)
+        start = torch.randint(0, K, (M,), generator=g)
+        run = lambda rows: bi.attention(rows.to(device), k[: len(rows)].to(device), v[: len(rows)].to(device),  # noqa: E731
+                                        start[: len(rows)].to(device), impl=impl)
+        want = bi.attention_reference(x, k, v, start)
+    got = run(x)
+    first = run(x[: max(1, M // 3)])
+    same = torch.equal(first.cpu(), got[: first.shape[0]].cpu())
+    return {"output": rel_err(got, want) if same else float("inf")}
+
+
+def batch_invariant_property(impl: str, max_examples: int) -> dict[torch.dtype, tuple[int, float]]:
+    """matmul, RMSNorm and attention: odd sizes, one row to several tiles, scales, dtypes; each
+    within tolerance of float64 and its first rows bitwise the same alone and in the batch."""
+    seen: dict[torch.dtype, tuple[int, float]] = {}
+
+    @settings(max_examples=max_examples, deadline=None, database=None)
+    @given(op=st.sampled_from(["matmul", "rms_norm", "attention"]), M=st.integers(1, 40), K=st.integers(1, 90),
+           N=st.integers(1, 40), dtype=st.sampled_from(list(TOL)), scale=st.sampled_from([0.1, 1.0, 30.0]),
+           seed=st.integers(0, 2**31 - 1))
+    def prop(op, M, K, N, dtype, scale, seed):
+        errs = batch_invariant_errors(impl, op, M, K, N, dtype, scale, seed)
+        n, w = seen.get(dtype, (0, 0.0))
+        seen[dtype] = (n + 1, max(w, errs["output"]))
+        assert errs["output"] <= TOL[dtype], (errs, impl, op, M, K, N, dtype, scale)
+
+    prop()
+    return seen
+
+
+KERNELS = {"linear_logprob": linear_logprob_property, "paged_decode_attention": paged_attention_property,
+           "batch_invariant (matmul, rms_norm, attention)": batch_invariant_property}
 
 
 def main() -> int:

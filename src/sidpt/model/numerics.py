@@ -6,7 +6,9 @@ run it; so a token's log-probability is bitwise the same whether the engine deco
 a time, prefilled it in a chunk, recomputed it after a preemption, or the trainer scored it in
 any micro-batch on any number of ranks. (Thinking Machines, "Defeating Nondeterminism in LLM
 Inference", 2025, does this with batch-invariant GPU kernels; this module is the pure-torch CPU
-version, and the Triton kernels of issue 21 slot in behind the same functions.)
+version. On a GPU with triton, ``linear``, ``rms_norm`` and ``dense_causal_attention`` run
+kernels/batch_invariant.py behind the same functions; the block-masked ``attention`` of the
+engine's paged and the trainer's packed forwards still runs the torch code there.)
 
 Where a CPU torch op is *not* batch-invariant, and what this module does instead (measured on the
 2-core AVX2 AMD EPYC with MKL 2024.2, ../shared/ENVIRONMENT.md; ``check_invariance`` re-checks it
@@ -116,10 +118,24 @@ def weight_left(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.numel() >= WEIGHT_LEFT_MIN
 
 
+def _gpu_kernels(x: torch.Tensor) -> bool:
+    """On a GPU with triton: kernels/batch_invariant.py (fixed tiles, no split-K) instead."""
+    if not x.is_cuda:
+        return False
+    from kernels import backend
+
+    return backend(x.device) == "triton" and x.dtype in (torch.float32, torch.float16)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with a row's result independent of the other rows: x [..., K] -> [..., N]."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     M = x2.shape[0]
+    if _gpu_kernels(x):
+        from kernels.batch_invariant import matmul
+
+        y = matmul(x2, weight)
+        return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[0])
     xp = _pad_rows(x2).contiguous()
     if not weight_left(weight):
         y = F.linear(xp, weight)
@@ -155,6 +171,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm, x [..., D]: torch's fused row kernel (one row's result was the same at 1 to 3000
     rows and with or without autograd), rows padded so that no row is split over threads."""
     x2 = x.reshape(-1, x.shape[-1])
+    if _gpu_kernels(x):
+        from kernels.batch_invariant import rms_norm as kernel
+
+        return kernel(x2, weight, eps).view(x.shape)
     return F.rms_norm(_pad_rows(x2), weight.shape, weight, eps)[: x2.shape[0]].view(x.shape)
 
 
@@ -293,6 +313,10 @@ def dense_causal_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torc
     """The model's ``attn`` hook in exact mode: ``model.causal_attention`` through ``attention``
     (the causal BlockMask of each (T, G) is built once)."""
     T, G = q.shape[2], q.shape[1] // k.shape[1]
+    if _gpu_kernels(q):  # the same fixed key blocks, in one Triton kernel
+        from kernels.batch_invariant import attention as kernel
+
+        return kernel(q, k, v, torch.zeros(q.shape[0], dtype=torch.int64, device=q.device))
     key = (T, G, str(q.device))
     if key not in _CAUSAL:
         if len(_CAUSAL) > 256:

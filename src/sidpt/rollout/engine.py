@@ -38,6 +38,7 @@ from typing import Hashable, Iterable
 
 import torch
 
+from kernels import backend as kernel_backend
 from sidpt.flops import decode_step_cost, prefill_cost
 from sidpt.model import numerics
 from sidpt.model.model import Transformer
@@ -60,6 +61,9 @@ class EngineConfig:
     seed: int = 0  # draws the seed of requests that bring none
     cuda_graphs: bool = True  # on CUDA: capture decode steps as CUDA graphs (ignored on CPU)
     static_decode: bool = False  # pad decode batches to fixed (batch, context) buckets; on with graphs
+    # decode attention through kernels/paged_attention.py (the KV blocks read in place, no gather);
+    # None: where it compiles (a GPU with triton). True elsewhere: the interpreter, or torch's gather
+    paged_kernel: bool | None = None
     # matmul operand order of the model given (it is set on that model: give the engine its own copy,
     # as the controller does): "auto" = weight-left on CPU where model.use_weight_left measured it
     # faster (few-row decode products of big weights), F.linear elsewhere; "linear"; "weight-left"
@@ -160,6 +164,8 @@ class Engine:
         # exact numerics builds its attention blocks from the step's lengths on the host: no capture
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda" and not self.exact
         self.static_decode = config.static_decode or self.use_graphs
+        self.paged_kernel = (kernel_backend(self.device) == "triton" if config.paged_kernel is None
+                             else config.paged_kernel) and not self.exact
         self._static: dict[tuple[int, int], _StaticDecode] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -480,7 +486,7 @@ class Engine:
             li = torch.tensor(lead, device=dev)
             lr, n_new = rows[li], torch.tensor([ns[i] for i in lead], device=dev)
             attn, positions = build_attention(self.cache, self.block_table[lr], start[li], n_new,
-                                              max(ns[i] for i in lead), self.exact)
+                                              max(ns[i] for i in lead), self.exact, self.paged_kernel)
             tokens = self.tok_buf[lr[:, None], positions]  # [B, Tq]
             hidden = self.model.forward_hidden(tokens, positions, attn)  # [B, Tq, D]
             if len(lead) < len(seqs):
@@ -574,6 +580,8 @@ class Engine:
         st.read.copy_((bt[:, :, None] * bs + torch.arange(bs, device=self.device)).reshape(Bb, nb * bs))
         ctx = p + 1  # padding rows: one visible key (a scratch slot)
         st.mask.copy_((torch.arange(nb * bs, device=self.device)[None, :] < ctx[:, None])[:, None, None, :])
+        st.table.copy_(bt)
+        st.ctx.copy_(ctx)
         st.run()
         return st.logits[:B]
 
@@ -667,6 +675,8 @@ class _StaticDecode:
         self.write = torch.zeros(B, 1, dtype=torch.int64, device=dev)
         self.read = torch.zeros(B, L, dtype=torch.int64, device=dev)
         self.mask = torch.zeros(B, 1, 1, L, dtype=torch.bool, device=dev)
+        self.table = torch.full((B, nb), engine.cache.scratch_block, dtype=torch.int64, device=dev)  # the kernel's
+        self.ctx = torch.ones(B, dtype=torch.int64, device=dev)
         self.logits = torch.zeros(B, engine.model.args.vocab_size, dtype=next(engine.model.parameters()).dtype,
                                   device=dev)
         self.graph = None
@@ -686,7 +696,8 @@ class _StaticDecode:
 
     def _forward(self) -> None:
         e = self.engine
-        attn = PagedAttention(e.cache, self.write, self.read, self.mask, fresh=False, exact=e.exact)
+        attn = PagedAttention(e.cache, self.write, self.read, self.mask, fresh=False, exact=e.exact,
+                              block_table=self.table, ctx=self.ctx, kernel=e.paged_kernel)
         hidden = e.model.forward_hidden(self.tokens, self.positions, attn)  # [B, 1, D]
         self.logits.copy_(e.model.logits(hidden[:, -1]))
 

@@ -63,6 +63,8 @@ class PagedAttention:
     mask        [B, 1, Tq, L] bool, True where query i may attend key j; None when ``fresh``
     fresh       every sequence starts at position 0: attend causally over the new keys directly
     exact       numerics = "exact": ``numerics.attention`` (fixed key blocks) instead of SDPA
+    kernel      one-token queries through ``kernels.paged_attention`` with ``block_table`` [B, nb]
+                and ``ctx`` [B] (keys visible): the blocks read in place, no gather
     """
 
     cache: PagedKVCache
@@ -71,6 +73,9 @@ class PagedAttention:
     mask: torch.Tensor | None
     fresh: bool
     exact: bool = False
+    block_table: torch.Tensor | None = None
+    ctx: torch.Tensor | None = None
+    kernel: bool = False
     _block_mask: object = None  # exact: numerics.BlockMask, built at the first layer
     _kv_read: torch.Tensor | None = None  # exact: cache row of each (sequence, KV head, key), first layer
 
@@ -90,6 +95,11 @@ class PagedAttention:
             if self.exact:
                 return numerics.dense_causal_attention(layer, q, k, v)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if self.kernel and Tq == 1 and not self.exact:  # decode: the blocks in place
+            from kernels.paged_attention import paged_decode_attention
+
+            out = paged_decode_attention(q[:, :, 0], kc, vc, self.block_table, self.ctx, self.cache.block_size)
+            return out[:, :, None]  # [B, H, 1, hd]
         # A row gather of the flat slot list through F.embedding: on a 2-thread CPU it ran 1.5-3x
         # faster than index_select on the 4-D view and than advanced indexing (tools/bench_rollout.py).
         B, L = self.read_slots.shape
@@ -107,7 +117,7 @@ class PagedAttention:
 
 
 def build_attention(cache: PagedKVCache, block_table: torch.Tensor, start: torch.Tensor, n_new: torch.Tensor,
-                    Tq: int, exact: bool = False) -> tuple[PagedAttention, torch.Tensor]:
+                    Tq: int, exact: bool = False, kernel: bool = False) -> tuple[PagedAttention, torch.Tensor]:
     """Metadata for a forward in which row b holds tokens [start[b], start[b] + n_new[b]).
 
     block_table [B, nb] (padded with the scratch block), start and n_new [B] int64 on the cache's
@@ -133,4 +143,5 @@ def build_attention(cache: PagedKVCache, block_table: torch.Tensor, start: torch
     j = torch.arange(L, device=device)
     q_pos = torch.where(real, positions, torch.zeros_like(positions))  # padded queries see key 0 only
     mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < ctx[:, None, None])  # [B, Tq, L]
-    return PagedAttention(cache, write, read, mask[:, None], fresh=False, exact=exact), positions
+    return PagedAttention(cache, write, read, mask[:, None], fresh=False, exact=exact, block_table=block_table[:, :nb],
+                          ctx=ctx, kernel=kernel), positions
