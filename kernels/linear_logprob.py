@@ -44,8 +44,8 @@ except ImportError:  # the torch path needs neither
 IGNORE = -100
 
 # Tiles. Torch path: a [R, C] tile of R x C = 2^20 float32 (4 MiB: the elementwise passes stay in
-# cache) with C = 2048 columns; tools/bench_kernels.py measures the choice (its docstring has the
-# table). Triton: BLOCK_N x BLOCK_V logit tiles, BLOCK_D along the model dimension; the backward's
+# cache) with C = 2048 columns: 0.90x / 0.94x the naive path's time at V = 32k / 152k, N = 4096,
+# D = 1024 (tools/bench_kernels.py, its docstring has the table). Triton: BLOCK_N x BLOCK_V logit tiles, BLOCK_D along the model dimension; the backward's
 # gradient buffer holds at most 2^24 float32 (64 MiB) of [N, C].
 TORCH_TILE, TORCH_COLS = 2**20, 2048
 BLOCK_N, BLOCK_V, BLOCK_D = 32, 64, 32

@@ -261,9 +261,11 @@ class TrainConfig:
     fused_logprobs: Literal["auto", "on", "off"] = "auto"
     """The trainer's LM head and log-probs (and entropies) through the fused kernel
     (``kernels/linear_logprob.py``): never the [tokens, vocab] logits, their memory at 152k
-    vocabularies is the trainer's largest tensor. auto: on a GPU (compiled Triton), off on a CPU
-    (its torch path trades about 1.1x time for the memory: tools/bench_kernels.py); never in
-    ``model.numerics = "exact"`` (the fused sums are not the engine's batch-invariant ones)."""
+    vocabularies is the trainer's largest tensor. auto: on a GPU (compiled Triton), off on a CPU,
+    where the naive path is the one the golden run records (the fused torch path measured 0.90x
+    to 0.94x its time at 1/12 to 1/20 of its memory, N = 4096, D = 1024, V = 32k and 152k:
+    tools/bench_kernels.py; "on" takes it); never in ``model.numerics = "exact"`` (the fused
+    sums are not the engine's batch-invariant ones)."""
     fuse_old_logprobs: bool = True
     """With one optimizer update per batch (``mini_batches = epochs = 1``) take pi_old from the
     training forward's own log-probs (detached: pi_old = pi before the only step) instead of a

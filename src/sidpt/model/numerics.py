@@ -6,9 +6,10 @@ run it; so a token's log-probability is bitwise the same whether the engine deco
 a time, prefilled it in a chunk, recomputed it after a preemption, or the trainer scored it in
 any micro-batch on any number of ranks. (Thinking Machines, "Defeating Nondeterminism in LLM
 Inference", 2025, does this with batch-invariant GPU kernels; this module is the pure-torch CPU
-version. On a GPU with triton, ``linear``, ``rms_norm`` and ``dense_causal_attention`` run
-kernels/batch_invariant.py behind the same functions; the block-masked ``attention`` of the
-engine's paged and the trainer's packed forwards still runs the torch code there.)
+version. On a GPU with triton, ``linear``, ``rms_norm``, ``dense_causal_attention`` and the
+engine's paged exact attention run kernels/batch_invariant.py behind the same functions; the
+trainer's packed exact forward (its two-part attention) and the log-softmax still run the torch
+code there.)
 
 Where a CPU torch op is *not* batch-invariant, and what this module does instead (measured on the
 2-core AVX2 AMD EPYC with MKL 2024.2, ../shared/ENVIRONMENT.md; ``check_invariance`` re-checks it

@@ -697,7 +697,7 @@ class _StaticDecode:
     def _forward(self) -> None:
         e = self.engine
         attn = PagedAttention(e.cache, self.write, self.read, self.mask, fresh=False, exact=e.exact,
-                              block_table=self.table, ctx=self.ctx, kernel=e.paged_kernel)
+                              block_table=self.table, ctx=self.ctx, kernel=e.paged_kernel, q_start=self.positions[:, 0])
         hidden = e.model.forward_hidden(self.tokens, self.positions, attn)  # [B, 1, D]
         self.logits.copy_(e.model.logits(hidden[:, -1]))
 

@@ -65,6 +65,8 @@ class PagedAttention:
     exact       numerics = "exact": ``numerics.attention`` (fixed key blocks) instead of SDPA
     kernel      one-token queries through ``kernels.paged_attention`` with ``block_table`` [B, nb]
                 and ``ctx`` [B] (keys visible): the blocks read in place, no gather
+    q_start     [B] position of each row's first query: exact mode on a GPU folds the gathered
+                keys with ``kernels.batch_invariant.attention`` (causal over the cached prefix)
     """
 
     cache: PagedKVCache
@@ -76,10 +78,15 @@ class PagedAttention:
     block_table: torch.Tensor | None = None
     ctx: torch.Tensor | None = None
     kernel: bool = False
+    q_start: torch.Tensor | None = None
     _block_mask: object = None  # exact: numerics.BlockMask, built at the first layer
     _kv_read: torch.Tensor | None = None  # exact: cache row of each (sequence, KV head, key), first layer
 
     def _exact(self, q, k, v, visible):
+        if self.q_start is not None and numerics._gpu_kernels(q):
+            from kernels.batch_invariant import attention
+
+            return attention(q, k, v, self.q_start)
         if self._block_mask is None:
             self._block_mask = numerics.block_mask(visible, q.shape[1] // k.shape[1])
         return numerics.attention(q, k, v, self._block_mask)
@@ -144,4 +151,4 @@ def build_attention(cache: PagedKVCache, block_table: torch.Tensor, start: torch
     q_pos = torch.where(real, positions, torch.zeros_like(positions))  # padded queries see key 0 only
     mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < ctx[:, None, None])  # [B, Tq, L]
     return PagedAttention(cache, write, read, mask[:, None], fresh=False, exact=exact, block_table=block_table[:, :nb],
-                          ctx=ctx, kernel=kernel), positions
+                          ctx=ctx, kernel=kernel, q_start=start), positions
