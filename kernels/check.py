@@ -6,8 +6,10 @@ compiled on a GPU, under the interpreter on a CPU), and a table.
     python -m kernels.check --examples 200   # more
 
 The tests (tests/kernels/) run the same properties with a smaller budget; this module is where
-they live. Tolerance: the largest absolute error over the largest reference magnitude (floored at
-1): float32 <= 1e-5, float16 <= 1e-2.
+they live. Error: the largest absolute error over the largest reference magnitude (floored at 1).
+Tolerance: float32 <= 1e-5, float16 <= 1e-2; for the log-prob kernel, where float32 itself
+cannot meet that (logits in the hundreds: an ulp of the logit is ~3e-5 of a log-prob near 0),
+twice the error of the naive float32 computation of the same case.
 """
 
 from __future__ import annotations
@@ -55,23 +57,28 @@ def linear_logprob_errors(impl: str, N: int, V: int, D: int, dtype: torch.dtype,
     targets = torch.randint(0, V, (N,), generator=g)
     targets[torch.rand(N, generator=g) < ignored] = IGNORE
     g_lp, g_ent = torch.randn(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
-    ref_h, ref_w = h.double().requires_grad_(), w.double().requires_grad_()
-    lp_ref, ent_ref = linear_logprob_reference(ref_h, ref_w, targets, temperature)
-    (lp_ref * g_lp + ent_ref * g_ent).sum().backward()
+
+    def outputs(dtype, fn, device="cpu"):  # log-prob, entropy, dh, dW of ``fn`` in ``dtype``
+        x, y = h.to(device, dtype).requires_grad_(), w.to(device, dtype).requires_grad_()
+        lp, ent = fn(x, y, targets.to(device))
+        (lp * g_lp.to(device, lp.dtype) + ent * g_ent.to(device, lp.dtype)).sum().backward()
+        return lp, ent, x.grad, y.grad
+
+    want = outputs(torch.float64, lambda x, y, t: linear_logprob_reference(x, y, t, temperature))
+    naive = outputs(torch.float32, lambda x, y, t: linear_logprob_reference(x, y, t, temperature, torch.float32))
     device = "cuda" if impl == "triton" else "cpu"
-    x, y = h.to(device).requires_grad_(), w.to(device).requires_grad_()
-    lp, ent = linear_logprob(x, y, targets.to(device), temperature, impl=impl)
-    (lp * g_lp.to(device, lp.dtype) + ent * g_ent.to(device, lp.dtype)).sum().backward()
-    if bool((lp[targets.to(device) == IGNORE] != 0).any()):
+    got = outputs(h.dtype, lambda x, y, t: linear_logprob(x, y, t, temperature, impl=impl), device)
+    if bool((got[0].cpu()[targets == IGNORE] != 0).any()):
         return {"ignored rows": float("inf")}
-    return {"log-prob": rel_err(lp, lp_ref), "entropy": rel_err(ent, ent_ref), "dh": rel_err(x.grad, ref_h.grad),
-            "dW": rel_err(y.grad, ref_w.grad)}
+    # each output's error, as a fraction of what its dtype allows here
+    return {name: rel_err(a, b) / max(TOL[h.dtype], 2 * rel_err(n, b))
+            for name, a, n, b in zip(("log-prob", "entropy", "dh", "dW"), got, naive, want)}
 
 
 def linear_logprob_property(impl: str, max_examples: int) -> dict[torch.dtype, tuple[int, float]]:
     """Hypothesis draws shapes (N = 1, odd sizes, vocabularies no multiple of a block), dtypes,
     temperatures, logit magnitudes and ignored rows; every case must meet its tolerance. Returns
-    dtype -> (cases, the worst error)."""
+    dtype -> (cases, the worst error as a fraction of the tolerance)."""
     seen: dict[torch.dtype, tuple[int, float]] = {}
 
     @settings(max_examples=max_examples, deadline=None, database=None)
@@ -83,7 +90,8 @@ def linear_logprob_property(impl: str, max_examples: int) -> dict[torch.dtype, t
         worst = max(errs.values())
         n, w = seen.get(dtype, (0, 0.0))
         seen[dtype] = (n + 1, max(w, worst))
-        assert worst <= TOL[dtype], (errs, impl, N, V, D, dtype, temperature, scale)
+        assert worst <= 1.0, (errs, impl, dict(N=N, V=V, D=D, dtype=dtype, temperature=temperature, scale=scale,
+                                                      ignored=ignored, seed=seed))
 
     prop()
     return seen
@@ -126,7 +134,7 @@ def paged_attention_property(impl: str, max_examples: int) -> dict[torch.dtype, 
     def prop(B, G, KV, hd, block_size, longest, dtype, scale, seed):
         errs = paged_attention_errors(impl, B, G, KV, hd, block_size, longest, dtype, scale, seed)
         n, w = seen.get(dtype, (0, 0.0))
-        seen[dtype] = (n + 1, max(w, errs["output"]))
+        seen[dtype] = (n + 1, max(w, errs["output"] / TOL[dtype]))
         assert errs["output"] <= TOL[dtype], (errs, impl, B, G, KV, hd, block_size, longest, dtype)
 
     prop()
@@ -174,7 +182,7 @@ def batch_invariant_property(impl: str, max_examples: int) -> dict[torch.dtype, 
     def prop(op, M, K, N, dtype, scale, seed):
         errs = batch_invariant_errors(impl, op, M, K, N, dtype, scale, seed)
         n, w = seen.get(dtype, (0, 0.0))
-        seen[dtype] = (n + 1, max(w, errs["output"]))
+        seen[dtype] = (n + 1, max(w, errs["output"] / TOL[dtype]))
         assert errs["output"] <= TOL[dtype], (errs, impl, op, M, K, N, dtype, scale)
 
     prop()
@@ -182,7 +190,7 @@ def batch_invariant_property(impl: str, max_examples: int) -> dict[torch.dtype, 
 
 
 KERNELS = {"linear_logprob": linear_logprob_property, "paged_decode_attention": paged_attention_property,
-           "batch_invariant (matmul, rms_norm, attention)": batch_invariant_property}
+           "batch_invariant": batch_invariant_property}  # matmul, rms_norm, attention
 
 
 def main() -> int:
@@ -192,26 +200,30 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=120)
     t = Table(title=f"kernel correctness vs float64 ({'GPU' if torch.cuda.is_available() else 'CPU'})")
-    for col in ("kernel", "path", "dtype", "cases", "max error", "tolerance", "pass", "s"):
+    for col in ("kernel", "path", "dtype", "cases", "worst error / allowed", "tolerance", "pass", "s"):
         t.add_column(col, justify="right")
-    failed = 0
+    failures = []
     for name, prop in KERNELS.items():
         for impl in implementations():
             t0 = time.perf_counter()
             try:
-                seen, why = prop(impl, a.examples), ""
-            except AssertionError as e:  # hypothesis shrank a failing case: report it
-                seen, why = {}, str(e)[:200]
-                failed += 1
+                seen = prop(impl, a.examples)
+            except AssertionError as e:  # hypothesis shrank a failing case: reported below the table
+                seen = {}
+                failures.append(f"{name} [{impl}]: {e}")
             dt = time.perf_counter() - t0
-            if why:
-                t.add_row(name, impl, "-", "-", "-", "-", f"[red]FAIL[/] {why}", f"{dt:.0f}")
-            for dtype, (n, err) in seen.items():
-                t.add_row(name, impl, str(dtype).removeprefix("torch."), str(n), f"{err:.1e}", f"{TOL[dtype]:.0e}",
-                          "pass" if err <= TOL[dtype] else "[red]FAIL[/]", f"{dt:.0f}")
-    Console().print(t)
-    return 1 if failed else 0
+            if not seen:
+                t.add_row(name, impl, "-", "-", "-", "-", "[red]FAIL[/]", f"{dt:.0f}")
+            for dtype, (n, frac) in seen.items():
+                tol = f"{TOL[dtype]:.0e}" + (" or 2x naive fp32" if name == "linear_logprob" else "")
+                t.add_row(name, impl, str(dtype).removeprefix("torch."), str(n), f"{frac:.2f}", tol,
+                          "pass" if frac <= 1.0 else "[red]FAIL[/]", f"{dt:.0f}")
+    console.print(t)
+    for f in failures:
+        console.print(f"[red]failing case[/] {f}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -52,10 +52,11 @@ BLOCK_N, BLOCK_V, BLOCK_D = 32, 64, 32
 GRAD_BUFFER = 2**24
 
 
-def linear_logprob_reference(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
-                             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 reference: full logits, ``log_softmax``.  # [N, D], [V, D], [N] -> [N], [N]"""
-    z = (h.double() @ w.double().T) / temperature  # [N, V]
+def linear_logprob_reference(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                             dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: full logits, ``log_softmax``, in ``dtype`` (float64; float32: the naive
+    path's own rounding).  # [N, D], [V, D], [N] -> [N], [N]"""
+    z = (h.to(dtype) @ w.to(dtype).T) / temperature  # [N, V]
     logp = torch.log_softmax(z, dim=-1)
     lp = torch.where(targets >= 0, logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1), 0.0)
     return lp, -(logp.exp() * logp).sum(-1)
@@ -246,9 +247,9 @@ if triton is not None:
         ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
         g_lp = tl.load(glp_ptr + rows, mask=rmask, other=0.0)
         g_ent = tl.load(gent_ptr + rows, mask=rmask, other=0.0)
-        logp = z - lse[:, None]
+        logp = tl.where(cmask[None, :], z - lse[:, None], float("-inf"))  # no exp of a padded column
         p = tl.exp(logp)
-        dz = -(g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None])) * p
+        dz = tl.where(cmask[None, :], -(g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None])) * p, 0.0)
         dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
         tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz * inv_t,
                  mask=rmask[:, None] & cmask[None, :])

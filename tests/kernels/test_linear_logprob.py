@@ -33,8 +33,8 @@ def test_a_bad_kernel_fails_the_property(monkeypatch):
 
     monkeypatch.setattr(llp, "_torch_forward", off)
     errs = linear_logprob_errors("torch", 9, 50, 16, torch.float32, 1.0, 3.0, 0.0, seed=1)
-    assert TOL[torch.float32] < errs["entropy"] <= 1e-4  # 1e-4 over the largest entropy (> 1 here)
-    assert errs["log-prob"] <= TOL[torch.float32]
+    assert 1.0 < errs["entropy"] <= 10.0  # 1e-4 over the largest entropy (> 1): beyond what fp32 allows
+    assert errs["log-prob"] <= 1.0
 
 
 @pytest.mark.parametrize("impl", implementations())
