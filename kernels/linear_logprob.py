@@ -4,14 +4,16 @@ T, forward and backward, without materialising the [N, V] logits.
 
     z   = h W^T / T                                    tiles of [rows, columns], never all of it
     s   = sum_j e^(z_j - m),  t = sum_j e^(z_j - m) (z_j - m)      online over the columns, m the
-    lse = m + log s,  H = log s - t / s,  lp = z_target - lse      running max (Milakov &
+    lse = m + log s,  H = log s - t / s,  lp = (z_target - m) - log s   running max (Milakov &
                                                                    Gimelshein 2018)
 
 H comes from the shifted logits: for a peaked row log s and t / s are both near 0, where
-lse - E[z] would cancel two large numbers. The backward runs per vocabulary chunk of C columns (a
+lse - E[z] would cancel two large numbers. For the same reason m and log s are kept apart (the
+backward's log p_j = (z_j - m) - log s): lse itself, rounded at the logits' magnitude, would cost
+the top token's probability an ulp of the logit (3e-5 relative at logits of 200). The backward runs per vocabulary chunk of C columns (a
 [rows, C] tile of the logits' gradient, never [N, V]):
 
-    dz_j = g_lp (1[j = target] - p_j) - g_H p_j (log p_j + H),   p_j = e^(z_j - lse)
+    dz_j = g_lp (1[j = target] - p_j) - g_H p_j (log p_j + H),   p_j = e^((z_j - m) - log s)
     dh  += (dz / T) W_c,     dW_c = (dz / T)^T h
 
 Liger's fused linear cross-entropy (Hsu et al. 2024) and Apple's Cut Cross-Entropy (Wijmans et
@@ -83,18 +85,18 @@ class LinearLogprob(torch.autograd.Function):
     def forward(ctx, h, w, targets, temperature: float, impl: str):
         h, w = h.contiguous(), w.contiguous()
         inv_t = 1.0 / temperature
-        lp, ent, lse = (_torch_forward if impl == "torch" else _triton_forward)(h, w, targets, inv_t, impl)
-        ctx.save_for_backward(h, w, targets, lse, ent)
+        lp, ent, m, log_s = (_torch_forward if impl == "torch" else _triton_forward)(h, w, targets, inv_t, impl)
+        ctx.save_for_backward(h, w, targets, m, log_s, ent)
         ctx.inv_t, ctx.impl = inv_t, impl
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        h, w, targets, lse, ent = ctx.saved_tensors
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(lse.dtype)
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
+        h, w, targets, m, log_s, ent = ctx.saved_tensors
+        g_lp = torch.zeros_like(ent) if g_lp is None else g_lp.to(ent.dtype)
+        g_ent = torch.zeros_like(ent) if g_ent is None else g_ent.to(ent.dtype)
         g_lp = torch.where(targets >= 0, g_lp, 0.0)
-        dh, dw = _backward(h, w, targets, lse, ent, g_lp.contiguous(), g_ent.contiguous(), ctx.inv_t, ctx.impl)
+        dh, dw = _backward(h, w, targets, m, log_s, ent, g_lp.contiguous(), g_ent.contiguous(), ctx.inv_t, ctx.impl)
         return dh if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, None, None, None
 
 
@@ -113,7 +115,7 @@ def _tiles(N: int, V: int) -> tuple[int, int]:
 def _torch_forward(h, w, targets, inv_t: float, impl: str):
     N, V, acc = h.shape[0], w.shape[0], _acc_dtype(h.dtype)
     R, C = _tiles(N, V)
-    lp, ent, lse = (torch.empty(N, dtype=acc, device=h.device) for _ in range(3))
+    lp, ent, mx, ls = (torch.empty(N, dtype=acc, device=h.device) for _ in range(4))
     for r0 in range(0, N, R):
         hr, tr = h[r0:r0 + R].to(acc), targets[r0:r0 + R]
         m = torch.full((hr.shape[0],), -torch.inf, dtype=acc, device=h.device)
@@ -131,15 +133,15 @@ def _torch_forward(h, w, targets, inv_t: float, impl: str):
             inside = (tr >= v0) & (tr < v0 + z.shape[1])
             zt += torch.where(inside, z.gather(1, (tr - v0).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), 0.0)
         log_s = s.log()
-        lse[r0:r0 + R] = m + log_s
+        mx[r0:r0 + R], ls[r0:r0 + R] = m, log_s
         ent[r0:r0 + R] = log_s - t / s
-        lp[r0:r0 + R] = torch.where(tr >= 0, zt - (m + log_s), 0.0)
-    return lp, ent, lse
+        lp[r0:r0 + R] = torch.where(tr >= 0, (zt - m) - log_s, 0.0)
+    return lp, ent, mx, ls
 
 
-def _torch_grad_logits(z, tr, v0: int, lse, ent, g_lp, g_ent, inv_t: float) -> torch.Tensor:
+def _torch_grad_logits(z, tr, v0: int, m, log_s, ent, g_lp, g_ent, inv_t: float) -> torch.Tensor:
     """dL/d(h W^T) of one [R, C] tile from its logits ``z`` (already / T)."""
-    logp = z - lse[:, None]
+    logp = (z - m[:, None]) - log_s[:, None]
     p = logp.exp()
     dz = -(g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None])) * p
     inside = (tr >= v0) & (tr < v0 + z.shape[1])
@@ -148,7 +150,7 @@ def _torch_grad_logits(z, tr, v0: int, lse, ent, g_lp, g_ent, inv_t: float) -> t
     return dz * inv_t
 
 
-def _backward(h, w, targets, lse, ent, g_lp, g_ent, inv_t: float, impl: str):
+def _backward(h, w, targets, m, log_s, ent, g_lp, g_ent, inv_t: float, impl: str):
     """dh and dW, one vocabulary chunk (and, on the torch path, one row block) at a time."""
     N, V, acc = h.shape[0], w.shape[0], _acc_dtype(h.dtype)
     dh = torch.zeros(N, h.shape[1], dtype=acc, device=h.device)
@@ -164,10 +166,10 @@ def _backward(h, w, targets, lse, ent, g_lp, g_ent, inv_t: float, impl: str):
             sl = slice(r0, r0 + R)
             hr = h[sl].to(acc)
             if impl == "torch":
-                dz = _torch_grad_logits((hr @ wc.T) * inv_t, targets[sl], v0, lse[sl], ent[sl], g_lp[sl], g_ent[sl],
-                                        inv_t)
+                dz = _torch_grad_logits((hr @ wc.T) * inv_t, targets[sl], v0, m[sl], log_s[sl], ent[sl], g_lp[sl],
+                                        g_ent[sl], inv_t)
             else:
-                dz = _triton_grad_logits(h, w, targets, lse, ent, g_lp, g_ent, inv_t, v0, wc.shape[0], impl)
+                dz = _triton_grad_logits(h, w, targets, m, log_s, ent, g_lp, g_ent, inv_t, v0, wc.shape[0], impl)
             dh[sl] += dz @ wc
             dwc += dz.T @ hr
         dw[v0:v0 + C] = dwc.to(w.dtype)
@@ -195,7 +197,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _linear_logprob_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lp_ptr, ent_ptr, lse_ptr, N, V, D, stride_h, stride_w,
+    def _linear_logprob_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lp_ptr, ent_ptr, m_ptr, logs_ptr, N, V, D, stride_h, stride_w,
                                    inv_t, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                                    IEEE: tl.constexpr):
         """One program: BLOCK_N rows, every column in tiles of BLOCK_V, the online statistics."""
@@ -224,13 +226,13 @@ if triton is not None:
             m = m_new
             zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         log_s = tl.log(s)
-        lse = m + log_s
-        tl.store(lse_ptr + rows, lse, mask=rmask)
+        tl.store(m_ptr + rows, m, mask=rmask)
+        tl.store(logs_ptr + rows, log_s, mask=rmask)
         tl.store(ent_ptr + rows, log_s - t / s, mask=rmask)
-        tl.store(lp_ptr + rows, tl.where(tgt >= 0, zt - lse, 0.0), mask=rmask)
+        tl.store(lp_ptr + rows, tl.where(tgt >= 0, (zt - m) - log_s, 0.0), mask=rmask)
 
     @triton.jit
-    def _linear_logprob_bwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, V, D,
+    def _linear_logprob_bwd_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, logs_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, V, D,
                                    v_start, C, stride_h, stride_w, stride_dz, inv_t, BLOCK_N: tl.constexpr,
                                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
         """One [BLOCK_N, BLOCK_V] tile of the gradient of the logits h W^T over columns
@@ -243,13 +245,14 @@ if triton is not None:
         z = _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
                          BLOCK_N, BLOCK_V, BLOCK_D, IEEE) * inv_t
         tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
+        log_s = tl.load(logs_ptr + rows, mask=rmask, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
         g_lp = tl.load(glp_ptr + rows, mask=rmask, other=0.0)
         g_ent = tl.load(gent_ptr + rows, mask=rmask, other=0.0)
-        logp = tl.where(cmask[None, :], z - lse[:, None], float("-inf"))  # no exp of a padded column
-        p = tl.exp(logp)
-        dz = tl.where(cmask[None, :], -(g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None])) * p, 0.0)
+        logp = tl.where(cmask[None, :], (z - m[:, None]) - log_s[:, None], 0.0)  # padded columns: p = 0
+        p = tl.where(cmask[None, :], tl.exp(logp), 0.0)
+        dz = -(g_lp[:, None] + g_ent[:, None] * (logp + ent[:, None])) * p
         dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
         tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz * inv_t,
                  mask=rmask[:, None] & cmask[None, :])
@@ -257,19 +260,19 @@ if triton is not None:
 
 def _triton_forward(h, w, targets, inv_t: float, impl: str):
     N, V, D = h.shape[0], w.shape[0], h.shape[1]
-    lp, ent, lse = (torch.empty(N, dtype=torch.float32, device=h.device) for _ in range(3))
+    lp, ent, m, log_s = (torch.empty(N, dtype=torch.float32, device=h.device) for _ in range(4))
     ieee = impl == "triton" and h.dtype == torch.float32
     _linear_logprob_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
-        h, w, targets, lp, ent, lse, N, V, D, h.stride(0), w.stride(0), inv_t,
+        h, w, targets, lp, ent, m, log_s, N, V, D, h.stride(0), w.stride(0), inv_t,
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, IEEE=ieee)
-    return lp, ent, lse
+    return lp, ent, m, log_s
 
 
-def _triton_grad_logits(h, w, targets, lse, ent, g_lp, g_ent, inv_t: float, v0: int, C: int, impl: str):
+def _triton_grad_logits(h, w, targets, m, log_s, ent, g_lp, g_ent, inv_t: float, v0: int, C: int, impl: str):
     N, V, D = h.shape[0], w.shape[0], h.shape[1]
     dz = torch.empty(N, C, dtype=torch.float32, device=h.device)
     ieee = impl == "triton" and h.dtype == torch.float32
     _linear_logprob_bwd_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(C, BLOCK_V))](
-        h, w, targets, lse, ent, g_lp, g_ent, dz, N, V, D, v0, C, h.stride(0), w.stride(0), dz.stride(0), inv_t,
+        h, w, targets, m, log_s, ent, g_lp, g_ent, dz, N, V, D, v0, C, h.stride(0), w.stride(0), dz.stride(0), inv_t,
         BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, IEEE=ieee)
     return dz

@@ -3,7 +3,7 @@ under the Triton interpreter on this CPU) against the naive one (full logits): a
 PPO step with an entropy bonus, padded and packed, float32: log-probs, losses and the gradient
 norm agree within 1e-6, every parameter's gradient within 1e-5 of its largest entry; after the
 update (Adam divides float32 rounding by sqrt(v): a parameter whose gradient is ~0 moves by
-+-lr on either path, so weights are not compared) the next step's losses within 1e-5."""
++-lr on either path, so weights are not compared) the next step's figures within 1e-4 relative."""
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ def test_fused_logprobs_give_the_naive_step(pack):
     assert abs(s0["loss/total"]) > 1e-3 and s0["train/grad_norm"] > 1e-3  # not a comparison of zeros
     for k in ("loss/total", "loss/policy", "train/entropy", "train/grad_norm"):
         assert abs(s0[k] - s1[k]) <= 1e-6, (k, s0[k], s1[k])
-        assert abs(q0[k] - q1[k]) <= 1e-5, (k, q0[k], q1[k])  # after an update through the fused gradients
+        assert abs(q0[k] - q1[k]) <= 1e-4 * max(1.0, abs(q0[k])), (k, q0[k], q1[k])  # after an Adam update
     assert float((p0["old_logprobs"] - p1["old_logprobs"]).abs().max()) <= 1e-6
     for k in w0:
         assert float((w0[k] - w1[k]).abs().max()) <= 1e-5 * max(float(w0[k].abs().max()), 1e-6), k

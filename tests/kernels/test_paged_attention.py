@@ -13,7 +13,7 @@ from sidpt.rollout import Engine, EngineConfig, Request, SamplingParams
 @pytest.mark.parametrize("impl", implementations())
 def test_paged_decode_attention_equals_the_float64_reference(impl):
     seen = paged_attention_property(impl, max_examples=15)
-    assert sum(n for n, _ in seen.values()) == 15
+    assert sum(n for n, _, _ in seen.values()) == 15
 
 
 @pytest.mark.parametrize("static", [False, True])
