@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import backend
+from kernels.tiles import dot_rows_tile
 
 try:
     import triton
@@ -182,16 +183,8 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask, cmask = rows < M, cols < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # one order, fixed steps: the row's sum never depends on M
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < K
-            a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(b), acc)
+        acc = dot_rows_tile(x_ptr, w_ptr, rows, cols, rmask, cmask, K, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_K,
+                            IEEE)  # one order, fixed steps: the row's sum never depends on M
         tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])
 

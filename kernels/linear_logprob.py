@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from kernels import backend
+from kernels.tiles import dot_rows_tile
 
 try:
     import triton
@@ -47,8 +48,9 @@ IGNORE = -100
 
 # Tiles. Torch path: a [R, C] tile of R x C = 2^20 float32 (4 MiB: the elementwise passes stay in
 # cache) with C = 2048 columns: 0.90x / 0.94x the naive path's time at V = 32k / 152k, N = 4096,
-# D = 1024 (tools/bench_kernels.py, its docstring has the table). Triton: BLOCK_N x BLOCK_V logit tiles, BLOCK_D along the model dimension; the backward's
-# gradient buffer holds at most 2^24 float32 (64 MiB) of [N, C].
+# D = 1024 (tools/bench_kernels.py, its docstring has the table). Triton: BLOCK_N x BLOCK_V logit
+# tiles, BLOCK_D along the model dimension; the backward's gradient buffer holds at most 2^24
+# float32 (64 MiB) of [N, C].
 TORCH_TILE, TORCH_COLS = 2**20, 2048
 BLOCK_N, BLOCK_V, BLOCK_D = 32, 64, 32
 GRAD_BUFFER = 2**24
@@ -181,22 +183,6 @@ def _backward(h, w, targets, m, log_s, ent, g_lp, g_ent, inv_t: float, impl: str
 if triton is not None:
 
     @triton.jit
-    def _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-        """h[rows] @ w[cols]^T, float32: [BLOCK_N, BLOCK_V]."""
-        acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ks = d0 + tl.arange(0, BLOCK_D)
-            kmask = ks < D
-            a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(b), acc)
-        return acc
-
-    @triton.jit
     def _linear_logprob_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lp_ptr, ent_ptr, m_ptr, logs_ptr, N, V, D, stride_h, stride_w,
                                    inv_t, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                                    IEEE: tl.constexpr):
@@ -211,7 +197,7 @@ if triton is not None:
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             cmask = cols < V
-            z = _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
+            z = dot_rows_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
                              BLOCK_N, BLOCK_V, BLOCK_D, IEEE) * inv_t
             z = tl.where(cmask[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -242,7 +228,7 @@ if triton is not None:
         cols = v_start + local
         rmask = rows < N
         cmask = (local < C) & (cols < V)
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
+        z = dot_rows_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
                          BLOCK_N, BLOCK_V, BLOCK_D, IEEE) * inv_t
         tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
         m = tl.load(m_ptr + rows, mask=rmask, other=0.0)

@@ -761,18 +761,18 @@ def trainer_utilisation(r: Run, batch, trained, recomputed, fused: bool, epochs:
     forwards ran on)."""
     args, lens = r.trainer.model.args, batch[SEQ_LEN].tolist()
     resp = batch[LOSS_MASK].sum(-1).tolist()  # the tokens whose log-probs (logits) are computed
+    idx = lambda sel: list(range(len(lens))) if sel is None else sel.nonzero().flatten().tolist()  # noqa: E731
+    trained, recomputed = idx(trained), idx(recomputed)  # the row indices each phase ran on
 
-    def rows(sel):
-        idx = range(len(lens)) if sel is None else [i for i, k in enumerate(sel.tolist()) if k]
-        return [lens[i] for i in idx], sum(resp[i] for i in idx)
+    def rows(ix):  # each row's length, and the logits the phase computed
+        return [lens[i] for i in ix], sum(resp[i] for i in ix)
 
     train_flops = epochs * train_cost(args, *rows(trained)).flops
     forwards = (0 if fused else 1) + (r.trainer.reference is not None)
     rec_flops = forwards * forward_cost(args, *rows(recomputed)).flops
     u_l = u.tolist()
-    idx = lambda sel: list(range(len(lens))) if sel is None else sel.nonzero().flatten().tolist()  # noqa: E731
-    add_model_phase(r.work, "recompute", rec_flops, r.peaks.flops, lens, u_l, idx(recomputed), executed[0], forwards)
-    add_model_phase(r.work, "train", train_flops, r.peaks.flops, lens, u_l, idx(trained), executed[1], epochs)
+    add_model_phase(r.work, "recompute", rec_flops, r.peaks.flops, lens, u_l, recomputed, executed[0], forwards)
+    add_model_phase(r.work, "train", train_flops, r.peaks.flops, lens, u_l, trained, executed[1], epochs)
     add_trained(r.work, lens, u_l)
     sums = all_reduce_sum([train_flops, rec_flops, r.peaks.flops * seconds[1], r.peaks.flops * seconds[0]],
                           r.trainer.device, r.trainer.group)
@@ -963,13 +963,9 @@ def rank_role(plan: Plan, rank: int) -> str:
 
 
 def rank_names(plan: Plan, world_size: int) -> dict[int, str]:
-    """Each rank's label in the timeline: its rank and roles."""
-    def roles(k: int) -> str:
-        have = [name for name, ranks in (("rollout", plan.rollout_ranks), ("trainer", plan.trainer_ranks),
-                                         ("reference", plan.reference_ranks if plan.own_reference else []))
-                if k in ranks]
-        return "+".join(have) or "idle"
-    return {k: f"rank {k} ({roles(k)})" for k in range(world_size)}
+    """Each rank's label in the timeline: its rank and role (``rank_role``)."""
+    label = {"colocated": "rollout+trainer"}
+    return {k: f"rank {k} ({label.get(rank_role(plan, k), rank_role(plan, k))})" for k in range(world_size)}
 
 
 def build_roles(cfg: Config, plan: Plan, policy: Transformer, tok) -> tuple[Trainer | None, Engine | None,
