@@ -88,3 +88,7 @@ def test_trace_steps_config():
         cfg.run.trace_steps = bad
         with pytest.raises(ConfigError, match="run.trace_steps"):
             cfg.validate()
+    cfg = Config()
+    cfg.run.telemetry_s = -0.5
+    with pytest.raises(ConfigError, match=r"run.telemetry_s=-0.5: must be >= 0"):
+        cfg.validate()

@@ -386,7 +386,7 @@ class Config:
 
 # Lower bounds (inclusive unless in POSITIVE) of the numeric fields that have one.
 RANGES = {
-    "run.steps": 0, "run.eval_every": 0, "run.threads": 0, "run.rollout_ranks": 0,
+    "run.steps": 0, "run.eval_every": 0, "run.threads": 0, "run.rollout_ranks": 0, "run.telemetry_s": 0.0,
     "model.vocab_size": 0, "task.eval_questions": 1, "rollout.prompts_per_step": 1, "rollout.group_size": 1,
     "rollout.max_new_tokens": 1, "rollout.max_model_len": 2, "rollout.temperature": 0.0, "rollout.top_k": 0,
     "rollout.block_size": 1, "rollout.kv_cache_mb": 0.0, "algo.eps_low": 0.0, "algo.eps_high": 0.0,
